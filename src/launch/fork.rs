@@ -1,0 +1,58 @@
+//! `StartMethod::Fork`: fork the worker straight from this process.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use super::Reaper;
+use crate::error::PoolError;
+
+/// The number of threads in this process, from `/proc/self/status`.
+pub(crate) fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+pub(super) fn fork(
+    _label: &str,
+    link: OwnedFd,
+    model: BorrowedFd<'_>,
+) -> Result<(u32, Reaper), PoolError> {
+    match thread_count() {
+        Some(1) => {}
+        Some(n) => {
+            return Err(PoolError::refused(format!(
+                "StartMethod::Fork refused: this process has {n} threads, and forking a \
+                 multi-threaded process is unsound (use the fork server)"
+            )));
+        }
+        None => {
+            return Err(PoolError::refused(
+                "StartMethod::Fork refused: cannot count this process's threads",
+            ));
+        }
+    }
+    let model = procpool_worker::sys::dup_owned(&model)
+        .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the process has one thread (checked above, and the caller of
+    // the unsafe `StartMethod::fork` promised none starts meanwhile), so the
+    // child may run any code. It never returns into our frames.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(PoolError::io(
+            "fork a worker",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if pid == 0 {
+        // Stderr is inherited as is: a reader thread would make this process
+        // multi-threaded and refuse the next fork.
+        procpool_worker::zygote::become_worker(parent, link, Some(model), None);
+    }
+    drop(link);
+    drop(model);
+    Ok((pid as u32, Reaper::Forked))
+}

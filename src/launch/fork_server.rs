@@ -1,0 +1,229 @@
+//! The parent's side of the fork server: starting it, asking it for workers,
+//! and hearing how they ended.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use procpool_worker::protocol::{ExitInfo, ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use procpool_worker::sys;
+
+use crate::error::PoolError;
+
+/// How long a new fork server may take to say it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a spawn request may take.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running fork server.
+pub(crate) struct ForkServer {
+    ctrl: OwnedFd,
+    send_lock: Mutex<()>,
+    pending: Mutex<HashMap<u64, mpsc::Sender<Result<u32, String>>>>,
+    exits: Mutex<HashMap<u32, ExitInfo>>,
+    exit_signal: Condvar,
+    next_request: AtomicU64,
+    alive: AtomicBool,
+}
+
+static SERVER: Mutex<Option<Arc<ForkServer>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The running fork server, started now if there is none (or it died).
+pub(crate) fn get() -> Result<Arc<ForkServer>, PoolError> {
+    let mut slot = lock(&SERVER);
+    if let Some(server) = slot.as_ref() {
+        if server.alive.load(Ordering::Acquire) {
+            return Ok(Arc::clone(server));
+        }
+    }
+    let server = start()?;
+    *slot = Some(Arc::clone(&server));
+    Ok(server)
+}
+
+fn start() -> Result<Arc<ForkServer>, PoolError> {
+    if procpool_worker::role_pending() {
+        return Err(PoolError::entry_not_run());
+    }
+    let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
+        .map_err(|e| PoolError::io("create the fork server's socket", e))?;
+    let their_fd = theirs.as_raw_fd();
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .env(ROLE_ENV, format!("zygote:{their_fd}"))
+        .stdin(Stdio::null());
+    // SAFETY: the hook runs in the child between fork and exec and calls only
+    // fcntl, which is async-signal-safe; it lets the server's end of the
+    // socket survive exec (it is close-on-exec everywhere else).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| PoolError::io("start the fork server", e))?;
+    drop(theirs);
+    let ready = sys::wait_readable(ours.as_raw_fd(), START_TIMEOUT.as_millis() as i32)
+        .map_err(|e| PoolError::io("wait for the fork server", e))?;
+    let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+    let event = if ready {
+        match sys::recv_with_fds(ours.as_raw_fd(), &mut buf) {
+            Ok((len, _)) if len > 0 => postcard::from_bytes::<ZygoteEvent>(&buf[..len]).ok(),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let fingerprint = match event {
+        Some(ZygoteEvent::Ready { fingerprint, .. }) => fingerprint,
+        _ => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            return Err(PoolError::protocol(format!(
+                "the fork server did not start (it ended with {status:?}; is procpool linked into this binary?)"
+            )));
+        }
+    };
+    if fingerprint != procpool_worker::fnref::fingerprint() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(PoolError::build_mismatch());
+    }
+    let server = Arc::new(ForkServer {
+        ctrl: ours,
+        send_lock: Mutex::new(()),
+        pending: Mutex::new(HashMap::new()),
+        exits: Mutex::new(HashMap::new()),
+        exit_signal: Condvar::new(),
+        next_request: AtomicU64::new(1),
+        alive: AtomicBool::new(true),
+    });
+    let reader = Arc::clone(&server);
+    std::thread::Builder::new()
+        .name("procpool-fork-server".into())
+        .spawn(move || reader.read_events(child))
+        .map_err(|e| PoolError::io("start the fork server's reader thread", e))?;
+    Ok(server)
+}
+
+impl ForkServer {
+    /// Reads events until the server goes away, then reaps it.
+    fn read_events(&self, mut child: std::process::Child) {
+        let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+        loop {
+            let event = match sys::recv_with_fds(self.ctrl.as_raw_fd(), &mut buf) {
+                Ok((0, _)) | Err(_) => break,
+                Ok((len, _)) => match postcard::from_bytes::<ZygoteEvent>(&buf[..len]) {
+                    Ok(event) => event,
+                    Err(_) => continue,
+                },
+            };
+            match event {
+                ZygoteEvent::Spawned { request_id, pid } => self.answer(request_id, Ok(pid)),
+                ZygoteEvent::SpawnFailed { request_id, error } => {
+                    self.answer(request_id, Err(error))
+                }
+                ZygoteEvent::Exited { pid, status } => {
+                    lock(&self.exits).insert(pid, status);
+                    self.exit_signal.notify_all();
+                }
+                ZygoteEvent::Ready { .. } => {}
+            }
+        }
+        self.alive.store(false, Ordering::Release);
+        for (_, waiter) in lock(&self.pending).drain() {
+            let _ = waiter.send(Err("the fork server ended".into()));
+        }
+        self.exit_signal.notify_all();
+        let _ = child.wait();
+    }
+
+    fn answer(&self, request_id: u64, answer: Result<u32, String>) {
+        if let Some(waiter) = lock(&self.pending).remove(&request_id) {
+            let _ = waiter.send(answer);
+        }
+    }
+
+    fn send(&self, request: &ZygoteRequest, fds: &[i32]) -> std::io::Result<()> {
+        let bytes = postcard::to_allocvec(request).map_err(std::io::Error::other)?;
+        let _guard = lock(&self.send_lock);
+        sys::send_with_fds(self.ctrl.as_raw_fd(), &bytes, fds)
+    }
+
+    /// Asks for a worker on `link` with the model store `model`; returns its pid.
+    pub fn spawn(
+        &self,
+        label: &str,
+        link: OwnedFd,
+        model: BorrowedFd<'_>,
+    ) -> Result<u32, PoolError> {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.pending).insert(request_id, tx);
+        let request = ZygoteRequest::Spawn {
+            request_id,
+            label: label.to_string(),
+            has_model: true,
+        };
+        if let Err(e) = self.send(&request, &[link.as_raw_fd(), model.as_raw_fd()]) {
+            lock(&self.pending).remove(&request_id);
+            return Err(PoolError::io("ask the fork server for a worker", e));
+        }
+        drop(link);
+        if !self.alive.load(Ordering::Acquire) {
+            lock(&self.pending).remove(&request_id);
+            return Err(PoolError::protocol("the fork server ended"));
+        }
+        match rx.recv_timeout(SPAWN_TIMEOUT) {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err(e)) => Err(PoolError::protocol(format!(
+                "the fork server could not fork a worker: {e}"
+            ))),
+            Err(_) => {
+                lock(&self.pending).remove(&request_id);
+                Err(PoolError::protocol("the fork server did not answer"))
+            }
+        }
+    }
+
+    /// Signals a worker the server has not reaped yet.
+    pub fn kill(&self, pid: u32, signal: i32) {
+        let _ = self.send(&ZygoteRequest::Kill { pid, signal }, &[]);
+    }
+
+    /// Waits up to `timeout` for the server to report how `pid` ended.
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = Instant::now() + timeout;
+        let mut exits = lock(&self.exits);
+        loop {
+            if let Some(status) = exits.remove(&pid) {
+                return Some(status);
+            }
+            let now = Instant::now();
+            if now >= deadline || !self.alive.load(Ordering::Acquire) {
+                return None;
+            }
+            exits = match self.exit_signal.wait_timeout(exits, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Starts the fork server now, if it is not running. See [`crate::init`].
+pub(crate) fn ensure_started() -> Result<(), PoolError> {
+    get().map(|_| ())
+}

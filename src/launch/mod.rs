@@ -1,0 +1,177 @@
+//! Starting worker processes. Three start methods share one result: a
+//! process running the worker loop, connected to us by a stream socket, with
+//! a way to learn how it ended.
+
+mod fork;
+pub(crate) mod fork_server;
+mod spawn;
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use procpool_worker::protocol::ExitInfo;
+use procpool_worker::sys;
+
+use crate::error::PoolError;
+
+/// How a pool starts its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartMethod {
+    /// Fork each worker from a single-threaded fork server, a re-execution
+    /// of this program started at [`init`](crate::init) or at the first pool.
+    /// Fast (about a millisecond per worker), safe in a multi-threaded parent,
+    /// and independent of how much memory the parent holds. The default.
+    #[default]
+    ForkServer,
+    /// Re-execute this program for each worker. Slower to start (a few
+    /// milliseconds per worker) but needs no fork server.
+    Spawn,
+    /// Fork each worker directly from the calling process. Made with the
+    /// `unsafe` [`StartMethod::fork`]; refused when the process has more than
+    /// one thread.
+    Fork(ForkPermit),
+}
+
+/// Proof that the caller accepted the contract of [`StartMethod::fork`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkPermit(());
+
+impl StartMethod {
+    /// Forks workers straight from this process.
+    ///
+    /// The pool checks at each fork that the process has exactly one thread
+    /// and refuses otherwise (a fork of a multi-threaded process may deadlock
+    /// on a lock another thread held).
+    ///
+    /// # Safety
+    ///
+    /// Between the check and the fork no other thread may be started (for
+    /// example by a signal handler or a library's background thread), and
+    /// the process must not rely on state a forked copy would corrupt (open
+    /// network connections, locks held across the call).
+    pub unsafe fn fork() -> StartMethod {
+        StartMethod::Fork(ForkPermit(()))
+    }
+}
+
+/// A started worker, before the handshake.
+pub(crate) struct Launched {
+    pub pid: u32,
+    pub link: OwnedFd,
+    pub reaper: Reaper,
+}
+
+/// Who can tell how a worker ended, and kill it.
+pub(crate) enum Reaper {
+    /// The fork server is its parent.
+    ForkServer(std::sync::Arc<fork_server::ForkServer>),
+    /// We are its parent, through `std::process::Child`.
+    Child(std::process::Child),
+    /// We are its parent, through a raw fork.
+    Forked,
+}
+
+impl Reaper {
+    /// Sends `signal` to the worker if it has not been reaped yet.
+    pub fn kill(&mut self, pid: u32, signal: i32) {
+        match self {
+            Reaper::ForkServer(server) => server.kill(pid, signal),
+            Reaper::Child(child) => {
+                if matches!(child.try_wait(), Ok(None)) {
+                    // SAFETY: the child is unreaped, so `pid` is still ours.
+                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                }
+            }
+            Reaper::Forked => {
+                let mut status = 0;
+                // SAFETY: a non-blocking check of our own child; if it has not
+                // been reaped the pid is still ours to signal.
+                if unsafe {
+                    libc::waitpid(
+                        pid as libc::pid_t,
+                        &mut status,
+                        libc::WNOHANG | libc::WNOWAIT,
+                    )
+                } == 0
+                {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the worker to end and returns how it did.
+    pub fn wait(&mut self, pid: u32, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = std::time::Instant::now() + timeout;
+        match self {
+            Reaper::ForkServer(server) => server.wait_exit(pid, timeout),
+            Reaper::Child(child) => loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    use std::os::unix::process::ExitStatusExt;
+                    return Some(match status.signal() {
+                        Some(signal) => ExitInfo::Signal {
+                            signal,
+                            core_dumped: status.core_dumped(),
+                        },
+                        None => ExitInfo::Code(status.code().unwrap_or(-1)),
+                    });
+                }
+                if std::time::Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            },
+            Reaper::Forked => loop {
+                let mut status = 0;
+                // SAFETY: non-blocking wait for our own child.
+                let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+                if ret == pid as libc::pid_t {
+                    return Some(if libc::WIFSIGNALED(status) {
+                        ExitInfo::Signal {
+                            signal: libc::WTERMSIG(status),
+                            core_dumped: libc::WCOREDUMP(status),
+                        }
+                    } else {
+                        ExitInfo::Code(libc::WEXITSTATUS(status))
+                    });
+                }
+                if ret < 0 || std::time::Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            },
+        }
+    }
+}
+
+/// Starts one worker with `method`, giving it the model store `model`.
+pub(crate) fn launch(
+    method: StartMethod,
+    label: &str,
+    model: BorrowedFd<'_>,
+) -> Result<Launched, PoolError> {
+    if procpool_worker::role_pending() {
+        return Err(PoolError::entry_not_run());
+    }
+    let (ours, theirs) = sys::socket_pair(libc::SOCK_STREAM)
+        .map_err(|e| PoolError::io("create a worker socket", e))?;
+    sys::grow_socket_buffers(
+        std::os::fd::AsRawFd::as_raw_fd(&ours),
+        procpool_worker::task_loop::LINK_BUFFER,
+    );
+    let (pid, reaper) = match method {
+        StartMethod::ForkServer => {
+            let server = fork_server::get()?;
+            let pid = server.spawn(label, theirs, model)?;
+            (pid, Reaper::ForkServer(server))
+        }
+        StartMethod::Spawn => spawn::spawn(label, theirs, model)?,
+        StartMethod::Fork(_) => fork::fork(label, theirs, model)?,
+    };
+    Ok(Launched {
+        pid,
+        link: ours,
+        reaper,
+    })
+}

@@ -1,0 +1,95 @@
+//! Models and functions shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, OnceLock};
+
+/// A small model: a vector and an offset.
+#[derive(rkyv::Archive, rkyv::Serialize, Debug)]
+pub struct Small {
+    pub offset: u64,
+    pub values: Vec<f32>,
+}
+
+pub fn small() -> Small {
+    Small {
+        offset: 7,
+        values: (0..100).map(|i| i as f32).collect(),
+    }
+}
+
+pub fn add_offset(model: &ArchivedSmall, x: u64) -> u64 {
+    x * 3 + model.offset.to_native() + model.values.len() as u64
+}
+
+pub fn add_offset_serial(x: u64) -> u64 {
+    x * 3 + 7 + 100
+}
+
+pub fn panic_on_13(model: &ArchivedSmall, x: u64) -> u64 {
+    if x == 13 {
+        panic!("thirteen is unlucky");
+    }
+    x + model.offset.to_native()
+}
+
+/// One record a capturing logger saw.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub level: log::Level,
+    pub target: String,
+    pub message: String,
+    pub worker: Option<u64>,
+    pub task: Option<u64>,
+}
+
+struct Capture;
+
+static RECORDS: Mutex<Vec<Captured>> = Mutex::new(Vec::new());
+
+struct Visitor(Option<u64>, Option<u64>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for Visitor {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        match key.as_str() {
+            "worker" => self.0 = value.to_u64(),
+            "task" => self.1 = value.to_u64(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let mut v = Visitor(None, None);
+        let _ = record.key_values().visit(&mut v);
+        RECORDS.lock().unwrap().push(Captured {
+            level: record.level(),
+            target: record.target().to_string(),
+            message: record.args().to_string(),
+            worker: v.0,
+            task: v.1,
+        });
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the capturing logger (once) at `level` and returns its records so far.
+pub fn capture_logs(level: log::LevelFilter) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = log::set_logger(&Capture);
+    });
+    log::set_max_level(level);
+}
+
+pub fn take_logs() -> Vec<Captured> {
+    std::mem::take(&mut *RECORDS.lock().unwrap())
+}

@@ -1,0 +1,76 @@
+//! The worker side of [procpool](https://docs.rs/procpool): everything that
+//! runs inside a process the parent starts, and the wire protocol it shares
+//! with the parent.
+//!
+//! Most users never name this crate; `procpool` re-exports what they need.
+//!
+//! - [`zygote`]: the single-threaded fork server that forks workers.
+//! - [`task_loop`]: a worker's main loop.
+//! - [`task`]: running a batch through the user's function under `catch_unwind`.
+//! - [`log_forward`]: forwarding `log` records to the parent.
+//! - [`protocol`], [`store_format`], [`fnref`]: what both sides must agree on.
+//!
+//! A process becomes a fork server or a worker before `main` runs: a
+//! constructor in this crate looks for the role the parent set in the
+//! environment and, if there is one, never returns to `main`. So code in the
+//! user's `main` never runs twice, and test binaries work as they are.
+
+#![deny(missing_docs)]
+
+pub mod fnref;
+pub mod link;
+pub mod log_forward;
+pub mod protocol;
+pub mod store_format;
+pub mod sys;
+pub mod task;
+pub mod task_loop;
+pub mod zygote;
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use protocol::ROLE_ENV;
+
+/// Returns true when this process was started as a worker or fork server
+/// whose entry point did not run (the role is still in the environment).
+/// Starting more processes from there would recurse.
+pub fn role_pending() -> bool {
+    std::env::var_os(ROLE_ENV).is_some()
+}
+
+fn parse_fd(s: &str) -> Option<RawFd> {
+    s.parse::<RawFd>().ok().filter(|fd| *fd > 2)
+}
+
+#[ctor::ctor(unsafe)]
+fn procpool_entry() {
+    let Some(role) = std::env::var_os(ROLE_ENV) else {
+        return;
+    };
+    // SAFETY: this runs before `main`, while the process has one thread.
+    unsafe { std::env::remove_var(ROLE_ENV) };
+    let role = role.to_string_lossy().into_owned();
+    let parts: Vec<&str> = role.split(':').collect();
+    match parts.as_slice() {
+        ["zygote", fd] => {
+            if let Some(fd) = parse_fd(fd) {
+                // SAFETY: the parent placed the link at this descriptor for us alone.
+                zygote::run(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        ["worker", sock, model] => {
+            if let Some(sock) = parse_fd(sock) {
+                // SAFETY: the parent placed the link (and the model store) at
+                // these descriptors for this process alone.
+                let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+                // SAFETY: as above.
+                let model = parse_fd(model).map(|m| unsafe { OwnedFd::from_raw_fd(m) });
+                sys::reset_signals_for_child();
+                task_loop::run(sock, model);
+            }
+        }
+        _ => {}
+    }
+    eprintln!("procpool: bad role {role:?} in {ROLE_ENV}");
+    std::process::exit(2);
+}

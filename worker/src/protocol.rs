@@ -1,0 +1,172 @@
+//! The wire protocol between the parent and the processes it starts.
+//! See `PROTOCOL.md` beside this file for the message flow.
+
+use serde::{Deserialize, Serialize};
+
+/// Frame tags on a worker link (parent → worker).
+pub mod to_worker {
+    /// Body: postcard [`Setup`](super::Setup).
+    pub const SETUP: u8 = 1;
+    /// Body: `u64` first task index, `u64` root seed, `u32` count, then
+    /// `count` postcard-encoded arguments back to back.
+    pub const BATCH: u8 = 2;
+    /// No body: finish and exit.
+    pub const SHUTDOWN: u8 = 3;
+}
+
+/// Frame tags on a worker link (worker → parent).
+pub mod from_worker {
+    /// Body: postcard [`Hello`](super::Hello).
+    pub const HELLO: u8 = 10;
+    /// Body: postcard [`LogRecord`](super::LogRecord).
+    pub const LOG: u8 = 11;
+    /// Body: `u64` first task index, `u32` count, `u64` nanoseconds the
+    /// batch took, then `count` postcard-encoded `Result<R, TaskFailure>`
+    /// back to back.
+    pub const RESULTS: u8 = 12;
+    /// Body: postcard `String`; the worker could not start and exits.
+    pub const FATAL: u8 = 13;
+    /// No body: the setup succeeded and the worker waits for batches.
+    pub const READY: u8 = 14;
+}
+
+/// Byte length of the fixed part of a batch body.
+pub const BATCH_HEADER: usize = 8 + 8 + 4;
+/// Byte length of the fixed part of a results body.
+pub const RESULTS_HEADER: usize = 8 + 4 + 8;
+
+/// The first message of every worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The worker's process id.
+    pub pid: u32,
+    /// The build fingerprint of the worker's executable image.
+    pub fingerprint: u64,
+}
+
+/// Everything a worker needs to run tasks, sent once after [`Hello`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Setup {
+    /// The worker's number in its pool, for logs.
+    pub worker_id: u32,
+    /// Offset of the monomorphised batch runner (see [`crate::fnref`]).
+    pub batch_runner: i64,
+    /// Offset of the monomorphised model validator.
+    pub validator: i64,
+    /// Offset of the user's function.
+    pub user_fn: i64,
+    /// The most verbose log level the parent wants (`log::LevelFilter` as usize).
+    pub max_log_level: u8,
+    /// Environment variables to set before any user code runs.
+    pub env: Vec<(String, String)>,
+}
+
+/// One log record forwarded from a worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogRecord {
+    /// `log::Level` as usize (1 = error … 5 = trace).
+    pub level: u8,
+    /// The record's target.
+    pub target: String,
+    /// The module that logged it.
+    pub module_path: Option<String>,
+    /// The source file that logged it.
+    pub file: Option<String>,
+    /// The source line that logged it.
+    pub line: Option<u32>,
+    /// The formatted message.
+    pub message: String,
+    /// The task running when it was logged, if any.
+    pub task_index: Option<u64>,
+}
+
+/// Why one task produced no value. Travels inside `Result<R, TaskFailure>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum TaskFailure {
+    /// The function panicked.
+    Panicked {
+        /// The panic message.
+        message: String,
+        /// `file:line:column` of the panic, when known.
+        location: Option<String>,
+    },
+    /// The argument could not be decoded in the worker.
+    BadArgument(String),
+    /// The result could not be encoded in the worker.
+    BadResult(String),
+}
+
+/// Messages from the parent to the fork server, one per datagram.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ZygoteRequest {
+    /// Fork a worker. Attached descriptors: the worker's socket, then the
+    /// model store if `has_model`.
+    Spawn {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// Prefix for the worker's stderr lines.
+        label: String,
+        /// Whether a model descriptor is attached after the socket.
+        has_model: bool,
+    },
+    /// Send a signal to a worker the fork server has not reaped yet.
+    Kill {
+        /// The worker.
+        pid: u32,
+        /// The signal number.
+        signal: i32,
+    },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ExitInfo {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal {
+        /// The signal number.
+        signal: i32,
+        /// Whether it dumped core.
+        core_dumped: bool,
+    },
+}
+
+/// Messages from the fork server to the parent, one per datagram.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ZygoteEvent {
+    /// Sent once at start.
+    Ready {
+        /// The fork server's build fingerprint.
+        fingerprint: u64,
+        /// Its process id.
+        pid: u32,
+    },
+    /// A worker was forked.
+    Spawned {
+        /// From the request.
+        request_id: u64,
+        /// The worker's process id.
+        pid: u32,
+    },
+    /// A worker could not be forked.
+    SpawnFailed {
+        /// From the request.
+        request_id: u64,
+        /// What went wrong.
+        error: String,
+    },
+    /// A worker ended and was reaped.
+    Exited {
+        /// The worker's process id.
+        pid: u32,
+        /// How it ended.
+        status: ExitInfo,
+    },
+}
+
+/// Largest datagram on the fork-server link.
+pub const ZYGOTE_DATAGRAM: usize = 64 * 1024;
+
+/// Environment variable that tells a re-executed binary which role to take.
+pub const ROLE_ENV: &str = "__PROCPOOL_ROLE";

@@ -1,0 +1,461 @@
+//! Thin, checked wrappers over the few Linux calls the worker side needs:
+//! framed messages on stream sockets, datagrams with attached file
+//! descriptors on `SOCK_SEQPACKET` sockets, and process hygiene.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Largest frame either side accepts; a bigger length prefix means a
+/// corrupted stream, not a big message.
+pub const MAX_FRAME: usize = 1 << 31;
+
+/// Most descriptors one datagram on the fork-server link carries.
+pub const MAX_FDS: usize = 4;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A connected pair of close-on-exec Unix sockets of the given type.
+pub fn socket_pair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: on success both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A close-on-exec pipe: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: on success both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set flags of a descriptor we were handed.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags))?;
+    }
+    Ok(())
+}
+
+/// Sets or clears `FD_CLOEXEC`.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD only changes the descriptor flag of `fd`.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) })?;
+    Ok(())
+}
+
+/// Raises the socket's send and receive buffers so a batch rarely needs more
+/// than one wake-up to cross. Failure is harmless: the defaults still work.
+pub fn grow_socket_buffers(fd: RawFd, bytes: usize) {
+    let size = bytes.min(i32::MAX as usize) as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: `size` lives across the call and its length is passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Writes all of `buf` to a stream socket, never raising SIGPIPE.
+pub fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid readable slice for its length.
+        let ret = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        match cvt_size(ret) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One `send` of as much of `buf` as the socket takes now; `Ok(0)` when full.
+pub fn send_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid readable slice for its length.
+        let ret = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        match cvt_size(ret) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Appends a frame (`u32` little-endian length, tag byte, body) to `out`.
+pub fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    out.push(tag);
+    out.extend_from_slice(body);
+}
+
+/// Starts a frame whose body the caller appends; finish it with [`end_frame`].
+pub fn begin_frame(out: &mut Vec<u8>, tag: u8) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, tag]);
+    start
+}
+
+/// Writes the length prefix of a frame begun at `start`.
+pub fn end_frame(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Reassembles frames from a byte stream.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// What one read from the socket produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// Some bytes arrived (frames may now be available).
+    Data,
+    /// The socket has nothing now (non-blocking reads only).
+    Empty,
+    /// The peer closed its end.
+    Closed,
+}
+
+impl FrameReader {
+    /// Reads what the socket has into the buffer. With `dontwait` it never blocks.
+    pub fn fill(&mut self, fd: RawFd, dontwait: bool) -> io::Result<ReadStatus> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > (1 << 20) && self.start * 2 > self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let want = self.needed().max(64 * 1024);
+        self.buf.reserve(want);
+        let spare = self.buf.capacity() - self.buf.len();
+        let flags = if dontwait { libc::MSG_DONTWAIT } else { 0 };
+        loop {
+            // SAFETY: we pass the spare capacity of `buf`, which is writable
+            // for `spare` bytes; only the bytes the kernel reports are exposed.
+            let ret = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf.as_mut_ptr().add(self.buf.len()).cast(),
+                    spare,
+                    flags,
+                )
+            };
+            match cvt_size(ret) {
+                Ok(0) => return Ok(ReadStatus::Closed),
+                Ok(n) => {
+                    // SAFETY: the kernel initialised `n <= spare` bytes past the old length.
+                    unsafe { self.buf.set_len(self.buf.len() + n) };
+                    return Ok(ReadStatus::Data);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Empty),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    return Ok(ReadStatus::Closed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Bytes still missing for the frame at the head of the buffer.
+    fn needed(&self) -> usize {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return 4 - avail.len();
+        }
+        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        (len + 4).saturating_sub(avail.len())
+    }
+
+    /// The next complete frame as `(tag, body)`, if the buffer holds one.
+    pub fn next_frame(&mut self) -> io::Result<Option<(u8, &[u8])>> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad frame length {len}"),
+            ));
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let begin = self.start + 4;
+        self.start = begin + len;
+        Ok(Some((self.buf[begin], &self.buf[begin + 1..begin + len])))
+    }
+
+    /// Blocks until a whole frame is there; `None` when the peer closed first.
+    pub fn read_frame(&mut self, fd: RawFd) -> io::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            if let Some((tag, body)) = self.next_frame()? {
+                return Ok(Some((tag, body.to_vec())));
+            }
+            if self.fill(fd, false)? == ReadStatus::Closed {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Sends one datagram with descriptors attached (`SCM_RIGHTS`).
+pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(
+        fds.len() <= MAX_FDS,
+        "at most {MAX_FDS} descriptors per datagram"
+    );
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    // Room for MAX_FDS descriptors, aligned for cmsghdr.
+    let mut cmsg_buf = [0u64; 8];
+    // SAFETY: msghdr is plain data; zeroed is a valid "no fields set" value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at `cmsg_buf`, which is larger than
+        // `space`, so the first header and its data fit inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at live buffers set up above.
+        let ret = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        match cvt_size(ret) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Receives one datagram and the descriptors attached to it (close-on-exec).
+/// An empty datagram with no descriptors means the peer closed.
+pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg_buf = [0u64; 8];
+    // SAFETY: msghdr is plain data; zeroed is a valid "no fields set" value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+    let n = loop {
+        // SAFETY: `msg` points at live, writable buffers of the stated sizes.
+        let ret = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        match cvt_size(ret) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg_control` with well-formed headers; the
+    // CMSG_* macros walk them within `msg_controllen`. Each SCM_RIGHTS
+    // descriptor is new in this process and owned by nobody else.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                let count =
+                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors were truncated",
+        ));
+    }
+    Ok((n, fds))
+}
+
+/// Waits until `fd` is readable or `timeout_ms` passes (`-1`: forever).
+pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        match cvt(ret) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Asks the kernel to send `SIGKILL` to this process when its parent dies,
+/// then checks the parent has not died already (the request races with it).
+pub fn die_with_parent(expected_parent: libc::pid_t) {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != expected_parent {
+        // SAFETY: _exit ends the process without running any Rust code.
+        unsafe { libc::_exit(1) };
+    }
+}
+
+/// Restores default signal handling that a fork server changed, so user code
+/// in a worker sees what an ordinary Rust program sees.
+pub fn reset_signals_for_child() {
+    // SAFETY: sigset operations on a local set, then sigprocmask and signal
+    // with constant arguments; no handlers run Rust code.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        // Rust programs run with SIGPIPE ignored; keep it that way.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// Duplicates `fd` onto `target`, keeping it open across exec.
+pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        return set_cloexec(fd, false);
+    }
+    // SAFETY: dup2 on descriptors we own; `target` is replaced atomically.
+    cvt(unsafe { libc::dup2(fd, target) })?;
+    Ok(())
+}
+
+/// Closes every descriptor from `first` upwards.
+pub fn close_from(first: RawFd) {
+    // SAFETY: close_range only closes descriptors; callers have moved the ones
+    // they keep below `first`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if ret != 0 {
+        for fd in first..1024 {
+            // SAFETY: closing a descriptor that may not exist is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// An owned descriptor duplicated from a borrowed one.
+pub fn dup_owned(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: `new` is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Appends `data` to `partial` and writes each complete line to our stderr
+/// with `label` in front; with `flush`, an unfinished last line too.
+pub fn write_prefixed(label: &str, partial: &mut Vec<u8>, data: &[u8], flush: bool) {
+    partial.extend_from_slice(data);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while let Some(pos) = partial[start..].iter().position(|&b| b == b'\n') {
+        out.extend_from_slice(label.as_bytes());
+        out.extend_from_slice(&partial[start..start + pos + 1]);
+        start += pos + 1;
+    }
+    if flush && start < partial.len() {
+        out.extend_from_slice(label.as_bytes());
+        out.extend_from_slice(&partial[start..]);
+        out.push(b'\n');
+        start = partial.len();
+    }
+    partial.drain(..start);
+    if !out.is_empty() {
+        let _ = std::io::stderr().lock().write_all(&out);
+    }
+}

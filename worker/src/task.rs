@@ -1,0 +1,207 @@
+//! Running one batch of tasks: decoding arguments, calling the user's
+//! function under `catch_unwind`, encoding each outcome. The same code runs in
+//! worker processes and, for `n_jobs = 1`, in the parent itself, so both give
+//! the same results and the same errors.
+
+use std::cell::{Cell, RefCell};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+
+use rkyv::Portable;
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::protocol::TaskFailure;
+
+/// A batch as it arrives: where it starts, its seed root, and its arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    /// Index of the first task in the whole `map`.
+    pub first_index: u64,
+    /// The root seed every task seed derives from.
+    pub root_seed: u64,
+    /// Number of arguments.
+    pub count: u32,
+    /// The postcard-encoded arguments, back to back.
+    pub items: &'a [u8],
+}
+
+/// Type-erased entry point of a monomorphised [`run_batch`].
+pub type BatchRunner =
+    unsafe fn(user_fn: usize, archive: &[u8], batch: BatchView<'_>, out: &mut Vec<u8>);
+
+/// Type-erased entry point of a monomorphised [`validate_archive`].
+pub type Validator = fn(archive: &[u8]) -> Result<(), String>;
+
+/// Checks that `archive` holds a valid `T` (rkyv's structural validation).
+pub fn validate_archive<T>(archive: &[u8]) -> Result<(), String>
+where
+    T: Portable + for<'a> CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+{
+    rkyv::access::<T, rancor::Error>(archive)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Runs the tasks of `batch` through the user's function and appends one
+/// postcard `Result<R, TaskFailure>` per task to `out`.
+///
+/// # Safety
+///
+/// `user_fn` must be the address of a `fn(&T, A) -> R` with exactly these type
+/// parameters, and `archive` must hold a `T` that [`validate_archive::<T>`]
+/// accepted and that nobody can modify while it is borrowed.
+pub unsafe fn run_batch<T, A, R>(
+    user_fn: usize,
+    archive: &[u8],
+    batch: BatchView<'_>,
+    out: &mut Vec<u8>,
+) where
+    T: Portable,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    // SAFETY: the caller promises `user_fn` is a `fn(&T, A) -> R`.
+    let func: fn(&T, A) -> R = unsafe { std::mem::transmute::<usize, fn(&T, A) -> R>(user_fn) };
+    // SAFETY: the caller promises the archive was validated as a `T` and is immutable.
+    let model: &T = unsafe { rkyv::access_unchecked::<T>(archive) };
+    install_panic_hook();
+    let mut rest = batch.items;
+    let mut decode_error: Option<String> = None;
+    for i in 0..batch.count as u64 {
+        let index = batch.first_index + i;
+        let outcome: Result<R, TaskFailure> = match &decode_error {
+            Some(e) => Err(TaskFailure::BadArgument(e.clone())),
+            None => match postcard::take_from_bytes::<A>(rest) {
+                Ok((arg, tail)) => {
+                    rest = tail;
+                    call_one(func, model, arg, index, batch.root_seed)
+                }
+                Err(e) => {
+                    // The stream cannot be re-synchronised after a bad item.
+                    let msg = format!("cannot decode argument: {e}");
+                    decode_error = Some(msg.clone());
+                    Err(TaskFailure::BadArgument(msg))
+                }
+            },
+        };
+        encode_outcome(&outcome, out);
+    }
+    CURRENT.with(|c| c.set(None));
+}
+
+/// Appends one encoded outcome; if `R` cannot be encoded, the partial bytes
+/// are dropped and a [`TaskFailure::BadResult`] takes their place.
+fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<u8>) {
+    let mark = out.len();
+    if let Err(e) = postcard::to_io(outcome, &mut *out) {
+        out.truncate(mark);
+        let failure: Result<(), TaskFailure> =
+            Err(TaskFailure::BadResult(format!("cannot encode result: {e}")));
+        // Encoding a plain enum of strings into a Vec cannot fail.
+        let _ = postcard::to_io(&failure, &mut *out);
+    }
+}
+
+fn call_one<T, A, R>(
+    func: fn(&T, A) -> R,
+    model: &T,
+    arg: A,
+    index: u64,
+    root_seed: u64,
+) -> Result<R, TaskFailure> {
+    CURRENT.with(|c| {
+        c.set(Some(TaskContext {
+            index,
+            seed: task_seed(root_seed, index),
+        }))
+    });
+    CAPTURE.with(|c| c.set(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(|| func(model, arg)));
+    CAPTURE.with(|c| c.set(false));
+    result.map_err(|payload| {
+        let captured = LAST_PANIC.with(|p| p.borrow_mut().take());
+        let (message, location) = match captured {
+            Some((m, l)) => (m, l),
+            None => (payload_message(&*payload), None),
+        };
+        TaskFailure::Panicked { message, location }
+    })
+}
+
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// The task the current thread is running.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskContext {
+    /// The task's index in its `map`.
+    pub index: u64,
+    /// The task's derived seed.
+    pub seed: u64,
+}
+
+thread_local! {
+    static CURRENT: Cell<Option<TaskContext>> = const { Cell::new(None) };
+    static CAPTURE: Cell<bool> = const { Cell::new(false) };
+    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// The task this thread is running, if any.
+pub fn current_task() -> Option<TaskContext> {
+    CURRENT.with(|c| c.get())
+}
+
+/// Installs, once per process, a panic hook that records the message and
+/// location of panics inside tasks (they become task errors and are not
+/// printed) and defers to the previous hook for every other panic.
+pub fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if CAPTURE.with(|c| c.get()) {
+                let message = payload_message(info.payload());
+                let location = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The seed of task `index` under `root_seed`.
+///
+/// Two rounds of the SplitMix64 finaliser: the index is mixed first, so
+/// neighbouring indices land far apart, then combined with the root and mixed
+/// again. The result depends only on `(root_seed, index)`, never on which
+/// worker ran the task, so it is the same for any `n_jobs`.
+///
+/// ```
+/// let a = procpool_worker::task::task_seed(42, 0);
+/// assert_eq!(a, procpool_worker::task::task_seed(42, 0));
+/// assert_ne!(a, procpool_worker::task::task_seed(42, 1));
+/// assert_ne!(a, procpool_worker::task::task_seed(43, 0));
+/// ```
+pub fn task_seed(root_seed: u64, index: u64) -> u64 {
+    splitmix64(root_seed ^ splitmix64(index.wrapping_add(0x9E37_79B9_7F4A_7C15)))
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

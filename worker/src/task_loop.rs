@@ -1,0 +1,185 @@
+//! The main loop of a worker process: handshake, setup, then batches until
+//! the parent says stop or goes away.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::fnref;
+use crate::link;
+use crate::protocol::{BATCH_HEADER, Hello, Setup, from_worker, to_worker};
+use crate::store_format::{HEADER_LEN, Header};
+use crate::sys::{self, FrameReader};
+use crate::task::{BatchRunner, BatchView, Validator};
+
+/// Socket buffer size for worker links.
+pub const LINK_BUFFER: usize = 4 << 20;
+
+fn fatal(message: String) -> ! {
+    if let Ok(body) = postcard::to_allocvec(&message) {
+        let _ = link::send_frame(from_worker::FATAL, &body);
+    }
+    std::process::exit(2);
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Maps the model store read-only and returns its archive bytes, which live
+/// as long as the process.
+fn map_model(fd: OwnedFd) -> Result<&'static [u8], String> {
+    let file = File::from(fd);
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the model store: {e}"))?
+        .len();
+    // SAFETY: the store is a sealed memfd (the kernel refuses every write) or
+    // a file whose opener promised, through an unsafe constructor, that
+    // nobody modifies it. Either way the mapping never changes under us.
+    let map = unsafe { memmap_readonly(&file, len) }?;
+    Header::decode(map, len).map_err(|e| e.to_string())?;
+    Ok(&map[HEADER_LEN..])
+}
+
+/// # Safety
+///
+/// The file must not be modified for the life of the process.
+unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String> {
+    if len == 0 {
+        return Err("the model store is empty".into());
+    }
+    // SAFETY: a fresh shared read-only mapping of `len` bytes of `file`;
+    // the caller guarantees the contents do not change.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!(
+            "cannot map the model store: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the mapping is `len` bytes, readable, and never unmapped.
+    Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
+}
+
+/// Runs the worker on `sock` with the model store `model`. Never returns.
+pub fn run(sock: OwnedFd, model: Option<OwnedFd>) -> ! {
+    let fd = sock.as_raw_fd();
+    std::mem::forget(sock);
+    sys::grow_socket_buffers(fd, LINK_BUFFER);
+    link::set(fd);
+    let hello = Hello {
+        pid: std::process::id(),
+        fingerprint: fnref::fingerprint(),
+    };
+    match postcard::to_allocvec(&hello) {
+        Ok(body) => {
+            if link::send_frame(from_worker::HELLO, &body).is_err() {
+                std::process::exit(0);
+            }
+        }
+        Err(e) => fatal(format!("cannot encode hello: {e}")),
+    }
+    let mut reader = FrameReader::default();
+    let setup: Setup = match reader.read_frame(fd) {
+        Ok(Some((to_worker::SETUP, body))) => match postcard::from_bytes(&body) {
+            Ok(s) => s,
+            Err(e) => fatal(format!("cannot decode setup: {e}")),
+        },
+        Ok(Some((to_worker::SHUTDOWN, _))) | Ok(None) => std::process::exit(0),
+        Ok(Some((tag, _))) => fatal(format!("expected setup, got frame tag {tag}")),
+        Err(e) => fatal(format!("cannot read setup: {e}")),
+    };
+    for (key, value) in &setup.env {
+        // SAFETY: no user code has run in this process yet and the worker
+        // started no threads, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var(key, value) };
+    }
+    let level = match setup.max_log_level {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    crate::log_forward::install(level);
+    let archive: &'static [u8] = match model {
+        Some(m) => match map_model(m) {
+            Ok(a) => a,
+            Err(e) => fatal(e),
+        },
+        None => &[],
+    };
+    // SAFETY: the parent computed these offsets from a `BatchRunner` and a
+    // `Validator` in the same executable image, which the fingerprint
+    // exchanged above confirmed.
+    let (runner, validator) = unsafe {
+        (
+            std::mem::transmute::<usize, BatchRunner>(fnref::address_of(setup.batch_runner)),
+            std::mem::transmute::<usize, Validator>(fnref::address_of(setup.validator)),
+        )
+    };
+    if let Err(e) = validator(archive) {
+        fatal(format!(
+            "the model store failed validation in the worker: {e}"
+        ));
+    }
+    let user_fn = fnref::address_of(setup.user_fn);
+    if link::send_frame(from_worker::READY, &[]).is_err() {
+        std::process::exit(0);
+    }
+    let mut out = Vec::new();
+    loop {
+        let (tag, body) = match reader.read_frame(fd) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => std::process::exit(0),
+            Err(e) => fatal(format!("cannot read from the parent: {e}")),
+        };
+        match tag {
+            to_worker::BATCH if body.len() >= BATCH_HEADER => {
+                let batch = BatchView {
+                    first_index: le_u64(&body, 0),
+                    root_seed: le_u64(&body, 8),
+                    count: u32::from_le_bytes([body[16], body[17], body[18], body[19]]),
+                    items: &body[BATCH_HEADER..],
+                };
+                out.clear();
+                let start = sys::begin_frame(&mut out, from_worker::RESULTS);
+                out.extend_from_slice(&batch.first_index.to_le_bytes());
+                out.extend_from_slice(&batch.count.to_le_bytes());
+                let elapsed_at = out.len();
+                out.extend_from_slice(&0u64.to_le_bytes());
+                let started = std::time::Instant::now();
+                // SAFETY: `runner` was monomorphised for the user's function
+                // type, and `archive` passed its validator above and is
+                // immutable (see `map_model`).
+                unsafe { runner(user_fn, archive, batch, &mut out) };
+                let elapsed = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+                out[elapsed_at..elapsed_at + 8].copy_from_slice(&elapsed.to_le_bytes());
+                sys::end_frame(&mut out, start);
+                if link::send_raw(&out).is_err() {
+                    std::process::exit(0);
+                }
+                if out.capacity() > (64 << 20) {
+                    out = Vec::new();
+                }
+            }
+            to_worker::SHUTDOWN => std::process::exit(0),
+            other => fatal(format!(
+                "unexpected frame tag {other} ({} bytes)",
+                body.len()
+            )),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The fork server: a single-threaded process that forks workers on request.
+//!
+//! The parent may run any number of threads; forking it would be unsound. So
+//! the parent re-executes its own binary once, as this server, which never
+//! starts a thread and can therefore fork safely and quickly. It reaps its
+//! children and reports how each ended, forwards their stderr line by line
+//! with a prefix, and kills them all when the parent goes away (its link
+//! closes even when the parent is killed with SIGKILL).
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::protocol::{ExitInfo, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use crate::sys;
+
+struct Child {
+    label: String,
+    stderr: Option<OwnedFd>,
+    partial: Vec<u8>,
+}
+
+fn send_event(ctrl: RawFd, event: &ZygoteEvent) {
+    if let Ok(bytes) = postcard::to_allocvec(event) {
+        // If the parent is gone the next poll sees the hang-up and we exit.
+        let _ = sys::send_with_fds(ctrl, &bytes, &[]);
+    }
+}
+
+/// Reads what a child's stderr pipe holds now; returns false at end of file.
+fn pump_stderr(child: &mut Child) -> bool {
+    let Some(fd) = child.stderr.as_ref().map(|f| f.as_raw_fd()) else {
+        return false;
+    };
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            sys::write_prefixed(&child.label, &mut child.partial, &buf[..n as usize], false);
+            continue;
+        }
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                return true;
+            }
+        }
+        sys::write_prefixed(&child.label, &mut child.partial, &[], true);
+        child.stderr = None;
+        return false;
+    }
+}
+
+fn decode_status(status: libc::c_int) -> ExitInfo {
+    if libc::WIFSIGNALED(status) {
+        ExitInfo::Signal {
+            signal: libc::WTERMSIG(status),
+            core_dumped: libc::WCOREDUMP(status),
+        }
+    } else {
+        ExitInfo::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>) {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        let pid = pid as u32;
+        if let Some(mut child) = children.remove(&pid) {
+            // Forward what the child wrote before it died, before saying it died.
+            pump_stderr(&mut child);
+            sys::write_prefixed(&child.label, &mut child.partial, &[], true);
+        }
+        send_event(
+            ctrl,
+            &ZygoteEvent::Exited {
+                pid,
+                status: decode_status(status),
+            },
+        );
+    }
+}
+
+fn fork_worker(
+    zygote_pid: libc::pid_t,
+    fds: Vec<OwnedFd>,
+    has_model: bool,
+    label: String,
+) -> Result<(u32, Child), String> {
+    let mut fds = fds.into_iter();
+    let sock = fds.next().ok_or("spawn request carried no socket")?;
+    let model = if has_model {
+        Some(fds.next().ok_or("spawn request carried no model store")?)
+    } else {
+        None
+    };
+    let (err_read, err_write) =
+        sys::pipe().map_err(|e| format!("cannot create a stderr pipe: {e}"))?;
+    sys::set_nonblocking(err_read.as_raw_fd(), true).map_err(|e| e.to_string())?;
+    // SAFETY: this process is single-threaded (it never starts a thread), so
+    // the child may run any code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        become_worker(zygote_pid, sock, model, Some(err_write));
+    }
+    Ok((
+        pid as u32,
+        Child {
+            label,
+            stderr: Some(err_read),
+            partial: Vec::new(),
+        },
+    ))
+}
+
+/// In a freshly forked child: arrange descriptors 2 (stderr, if given),
+/// 3 (link) and 4 (model), close everything else, and become a worker that
+/// dies with `parent_pid`.
+pub fn become_worker(
+    parent_pid: libc::pid_t,
+    sock: OwnedFd,
+    model: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> ! {
+    sys::reset_signals_for_child();
+    sys::die_with_parent(parent_pid);
+    // Move the kept descriptors high first so the dup2 calls cannot clobber them.
+    let high = |fd: OwnedFd| -> RawFd {
+        // SAFETY: F_DUPFD returns a new descriptor >= 100 that we own.
+        let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 100) };
+        if n < 0 {
+            // SAFETY: _exit never returns and runs no Rust code.
+            unsafe { libc::_exit(3) };
+        }
+        n
+    };
+    let sock = high(sock);
+    let model = model.map(high);
+    let err = stderr.map(high);
+    let ok = err.is_none_or(|e| sys::dup_to(e, 2).is_ok())
+        && sys::dup_to(sock, 3).is_ok()
+        && model.is_none_or(|m| sys::dup_to(m, 4).is_ok());
+    if !ok {
+        // SAFETY: as above.
+        unsafe { libc::_exit(3) };
+    }
+    sys::close_from(if model.is_some() { 5 } else { 4 });
+    // SAFETY: 3 (and 4) now hold the link and the model store, owned by nobody else.
+    let (sock, model) = unsafe {
+        (
+            OwnedFd::from_raw_fd(3),
+            model.map(|_| OwnedFd::from_raw_fd(4)),
+        )
+    };
+    crate::task_loop::run(sock, model)
+}
+
+/// Runs the fork server on the link `ctrl`. Never returns.
+pub fn run(ctrl: OwnedFd) -> ! {
+    let ctrl_fd = ctrl.as_raw_fd();
+    // SAFETY: getpid has no preconditions.
+    let zygote_pid = unsafe { libc::getpid() };
+    // SAFETY: signal-mask changes on a local set; SIGCHLD is then read from a
+    // signalfd instead of being delivered to a handler.
+    let sigfd = unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if sigfd < 0 {
+        eprintln!(
+            "procpool fork server: cannot create a signalfd: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(2);
+    }
+    send_event(
+        ctrl_fd,
+        &ZygoteEvent::Ready {
+            fingerprint: crate::fnref::fingerprint(),
+            pid: zygote_pid as u32,
+        },
+    );
+    let mut children: HashMap<u32, Child> = HashMap::new();
+    let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+    loop {
+        let mut pollfds = vec![
+            libc::pollfd {
+                fd: ctrl_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let mut order = Vec::new();
+        for (pid, child) in &children {
+            if let Some(fd) = &child.stderr {
+                pollfds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                order.push(*pid);
+            }
+        }
+        // SAFETY: `pollfds` is a valid array of its length.
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            continue;
+        }
+        for (i, pid) in order.iter().enumerate() {
+            if pollfds[2 + i].revents != 0 {
+                if let Some(child) = children.get_mut(pid) {
+                    pump_stderr(child);
+                }
+            }
+        }
+        if pollfds[1].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: draining the signalfd into a buffer of a siginfo's size.
+            while unsafe { libc::read(sigfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+            reap(ctrl_fd, &mut children);
+        }
+        if pollfds[0].revents != 0 {
+            match sys::recv_with_fds(ctrl_fd, &mut buf) {
+                Ok((0, fds)) if fds.is_empty() => shutdown(&mut children),
+                Ok((len, fds)) => match postcard::from_bytes::<ZygoteRequest>(&buf[..len]) {
+                    Ok(ZygoteRequest::Spawn {
+                        request_id,
+                        label,
+                        has_model,
+                    }) => match fork_worker(zygote_pid, fds, has_model, label) {
+                        Ok((pid, child)) => {
+                            children.insert(pid, child);
+                            send_event(ctrl_fd, &ZygoteEvent::Spawned { request_id, pid });
+                        }
+                        Err(error) => {
+                            send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error })
+                        }
+                    },
+                    Ok(ZygoteRequest::Kill { pid, signal }) => {
+                        if children.contains_key(&pid) {
+                            // SAFETY: `pid` is our unreaped child, so it cannot
+                            // have been reused by another process.
+                            unsafe { libc::kill(pid as libc::pid_t, signal) };
+                        }
+                    }
+                    Err(e) => eprintln!("procpool fork server: bad request: {e}"),
+                },
+                Err(_) => shutdown(&mut children),
+            }
+        }
+    }
+}
+
+/// The parent went away: kill every worker, reap them, and exit.
+fn shutdown(children: &mut HashMap<u32, Child>) -> ! {
+    for pid in children.keys() {
+        // SAFETY: each pid is our unreaped child.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+    }
+    for (pid, mut child) in children.drain() {
+        let mut status = 0;
+        // SAFETY: blocking wait for our own child.
+        unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        pump_stderr(&mut child);
+    }
+    std::process::exit(0)
+}
