@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use procpool_worker::protocol::{Setup, TaskFailure};
-use procpool_worker::task::{self, BatchRunner, BatchView, Validator};
+use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
 use crate::error::{PoolError, TaskError};
@@ -165,9 +165,6 @@ where
                 batch_runner: procpool_worker::fnref::offset_of(
                     task::run_batch::<M::Archived, A, R> as BatchRunner as usize,
                 ),
-                validator: procpool_worker::fnref::offset_of(
-                    task::validate_archive::<M::Archived> as Validator as usize,
-                ),
                 user_fn: procpool_worker::fnref::offset_of(self.func as usize),
                 max_log_level: log::max_level() as usize as u8,
                 env: crate::config::worker_env(n_jobs),
@@ -271,6 +268,15 @@ where
     /// The number of worker processes (1: runs in this process).
     pub fn n_jobs(&self) -> usize {
         self.n_jobs
+    }
+
+    /// The process ids of the workers now running (empty for `n_jobs = 1`).
+    /// A worker that dies is replaced, so the list can change between maps.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        match &self.backend {
+            Backend::InProcess => Vec::new(),
+            Backend::Pool(pool) => pool.pids(),
+        }
     }
 
     /// The root seed task seeds derive from.

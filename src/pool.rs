@@ -231,6 +231,11 @@ impl Pool {
         Ok(())
     }
 
+    /// The process ids of the running workers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.pid).collect()
+    }
+
     /// Stops every worker: asks each to exit, forwards the logs they still
     /// send, waits for them, and kills any that does not exit in time.
     pub fn shutdown(&mut self) {

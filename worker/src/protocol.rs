@@ -51,8 +51,6 @@ pub struct Setup {
     pub worker_id: u32,
     /// Offset of the monomorphised batch runner (see [`crate::fnref`]).
     pub batch_runner: i64,
-    /// Offset of the monomorphised model validator.
-    pub validator: i64,
     /// Offset of the user's function.
     pub user_fn: i64,
     /// The most verbose log level the parent wants (`log::LevelFilter` as usize).

@@ -32,9 +32,6 @@ pub struct BatchView<'a> {
 pub type BatchRunner =
     unsafe fn(user_fn: usize, archive: &[u8], batch: BatchView<'_>, out: &mut Vec<u8>);
 
-/// Type-erased entry point of a monomorphised [`validate_archive`].
-pub type Validator = fn(archive: &[u8]) -> Result<(), String>;
-
 /// Checks that `archive` holds a valid `T` (rkyv's structural validation).
 pub fn validate_archive<T>(archive: &[u8]) -> Result<(), String>
 where

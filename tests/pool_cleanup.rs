@@ -1,0 +1,142 @@
+//! Nothing is left behind: after a program that used pools exits, none of
+//! its processes (fork server, workers) remain, and no file was created.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+#[test]
+fn child_program_using_pools() {
+    if std::env::var_os("CLEANUP_CHILD").is_none() {
+        return;
+    }
+    let store = procpool::persist(&small()).unwrap();
+    let mut kept = procpool::invoker(&store, add_offset, 2).unwrap();
+    let got: Vec<u64> = kept.map(0..1000u64).collect::<Result<_, _>>().unwrap();
+    assert_eq!(got.len(), 1000);
+    for pid in kept.worker_pids() {
+        println!("worker-pid {pid}");
+    }
+    {
+        let mut dropped = procpool::invoker(&store, add_offset, 2).unwrap();
+        assert_eq!(dropped.map(0..10u64).count(), 10);
+    }
+    // `kept` is still alive when the program ends: its workers must go too.
+    std::mem::forget(kept);
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie waiting for a reaper we do not control has released everything.
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Processes running this test binary that are not us or our descendants.
+fn strays() -> Vec<u32> {
+    let me = std::process::id();
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me
+            || std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() != Some(&exe)
+            || !alive(pid)
+        {
+            continue;
+        }
+        let mut p = pid;
+        let mut ours = false;
+        while let Some(pp) = parent_of(p) {
+            if pp == me {
+                ours = true;
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+        if !ours {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.retain(|n| n.contains("procpool"));
+    names.sort();
+    names
+}
+
+#[test]
+fn no_process_or_file_outlives_the_program() {
+    let shm_before = listing("/dev/shm".as_ref());
+    let tmp_before = listing(&std::env::temp_dir());
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_program_using_pools",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CLEANUP_CHILD", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let workers: Vec<u32> = stdout
+        .lines()
+        .filter_map(|l| l.split("worker-pid ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert_eq!(workers.len(), 2, "{stdout}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let left: Vec<u32> = workers
+            .iter()
+            .copied()
+            .filter(|p| alive(*p))
+            .chain(strays())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left behind: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(listing("/dev/shm".as_ref()), shm_before);
+    assert_eq!(listing(&std::env::temp_dir()), tmp_before);
+}
