@@ -9,13 +9,14 @@ use procpool_worker::store_format::FormatError;
 /// Why one task of a `map` produced no value.
 ///
 /// ```
-/// # fn demo(err: procpool::TaskError) {
-/// if err.is_panic() {
-///     eprintln!("task {} panicked: {}", err.task_index(), err);
-/// } else if let Some(signal) = err.signal() {
-///     eprintln!("task {} killed its worker with signal {signal}", err.task_index());
+/// fn report(err: &procpool::TaskError) {
+///     if err.is_panic() {
+///         eprintln!("task {} panicked: {}", err.task_index(), err);
+///     } else if let Some(signal) = err.signal() {
+///         eprintln!("task {} killed its worker with signal {signal}", err.task_index());
+///     }
 /// }
-/// # }
+/// # let _ = report;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {

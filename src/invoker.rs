@@ -62,14 +62,15 @@ where
 /// ```no_run
 /// # #[derive(rkyv::Archive, rkyv::Serialize)]
 /// # struct Model { weights: Vec<f32> }
-/// # fn score(model: &ArchivedModel, row: u32) -> f32 { 0.0 }
+/// # fn score(_model: &ArchivedModel, _row: u32) -> f32 { 0.0 }
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let store = procpool::persist(&Model { weights: vec![1.0] })?;
-/// let mut invoker = procpool::InvokerBuilder::new(&store, score)
+/// let invoker = procpool::InvokerBuilder::new(&store, score)
 ///     .n_jobs(4)
 ///     .chunk_size(256)
 ///     .seed(42)
 ///     .build()?;
+/// assert_eq!(invoker.n_jobs(), 4);
 /// # Ok(()) }
 /// ```
 pub struct InvokerBuilder<M: rkyv::Archive, A, R> {

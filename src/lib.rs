@@ -86,16 +86,18 @@ pub use store::{ArchivedModel, Model, ModelStore, persist, persist_to_path, pers
 /// pool.
 ///
 /// ```no_run
-/// fn main() {
-///     procpool::init();
-///     // … the rest of the program
-/// }
+/// procpool::init(); // the first line of `main`
 /// ```
 pub fn init() {
     if let Err(e) = launch::fork_server::ensure_started() {
         log::warn!(target: "procpool", "cannot start the fork server: {e}");
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 fn sys_dup(fd: &std::os::fd::OwnedFd) -> Result<std::os::fd::OwnedFd, StoreError> {
     procpool_worker::sys::dup_owned(fd)

@@ -178,20 +178,16 @@ impl Pool {
             let mut frame = Vec::new();
             sys::push_frame(&mut frame, to_worker::SETUP, &body);
             sys::send_all(fd, &frame).map_err(|e| PoolError::io("send setup to a worker", e))?;
-            loop {
-                match read_frame_timeout(&mut reader, fd, id)? {
-                    (from_worker::READY, _) => return Ok(()),
-                    (from_worker::FATAL, body) => {
-                        let msg: String = postcard::from_bytes(&body)
-                            .unwrap_or_else(|_| "unreadable error".into());
-                        return Err(PoolError::worker_fatal(msg));
-                    }
-                    (tag, _) => {
-                        return Err(PoolError::protocol(format!(
-                            "expected ready, got frame tag {tag}"
-                        )));
-                    }
+            match read_frame_timeout(&mut reader, fd, id)? {
+                (from_worker::READY, _) => Ok(()),
+                (from_worker::FATAL, body) => {
+                    let msg: String =
+                        postcard::from_bytes(&body).unwrap_or_else(|_| "unreadable error".into());
+                    Err(PoolError::worker_fatal(msg))
                 }
+                (tag, _) => Err(PoolError::protocol(format!(
+                    "expected ready, got frame tag {tag}"
+                ))),
             }
         })();
         match result {
