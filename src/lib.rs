@@ -78,7 +78,9 @@ pub use error::{ConfigError, ExitInfo, PoolError, StoreError, TaskError};
 pub use invoker::{Invoker, InvokerBuilder, Map, MapUnordered, TaskFn, invoker};
 pub use launch::{ForkPermit, StartMethod};
 pub use seed::{SEED_ENV, seed};
-pub use store::{ArchivedModel, Model, ModelStore, persist, persist_to_path, persist_with_schema};
+pub use store::{
+    ArchivedModel, Model, ModelStore, StoreSink, persist, persist_to_path, persist_with_schema,
+};
 
 /// Starts the fork server now, while the program is small and has one
 /// thread. Call it first in `main`; without it the server starts at the

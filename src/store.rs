@@ -26,7 +26,9 @@ use rkyv::Portable;
 use rkyv::api::high::{HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
+use rkyv::ser::Positional;
 use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::writer::IoWriter;
 use rkyv::util::AlignedVec;
 
 use crate::error::StoreError;
@@ -39,17 +41,76 @@ pub trait ArchivedModel: Portable + for<'a> CheckBytes<HighValidator<'a, rancor:
 impl<T> ArchivedModel for T where T: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> {}
 
 /// What a model type must offer to be persisted: rkyv serialisation into an
-/// archive whose form is an [`ArchivedModel`].
+/// archive whose form is an [`ArchivedModel`]. Every type with
+/// `#[derive(rkyv::Archive, rkyv::Serialize)]` qualifies.
 pub trait Model:
     rkyv::Archive<Archived: ArchivedModel>
-    + for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+    + for<'a> rkyv::Serialize<HighSerializer<IoWriter<StoreSink>, ArenaHandle<'a>, rancor::Error>>
 {
 }
 
 impl<M> Model for M where
     M: rkyv::Archive<Archived: ArchivedModel>
-        + for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
+        + for<'a> rkyv::Serialize<HighSerializer<IoWriter<StoreSink>, ArenaHandle<'a>, rancor::Error>>
 {
+}
+
+/// Where [`persist`] streams the archive: straight into the store's file or
+/// shared memory, checksummed on the way, with no intermediate copy of the
+/// model. It appears only in the [`Model`] bound; there is nothing to call.
+pub struct StoreSink {
+    out: std::io::BufWriter<File>,
+    hasher: xxhash_rust::xxh3::Xxh3,
+}
+
+impl std::fmt::Debug for StoreSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSink").finish_non_exhaustive()
+    }
+}
+
+impl Write for StoreSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Writes a whole store into `file` (empty, at offset 0): a placeholder
+/// header, the archive streamed from `model`, then the real header.
+fn write_store<M: Model>(
+    file: File,
+    model: &M,
+    schema_version: u32,
+    what: &dyn Fn() -> String,
+) -> Result<File, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let io = |e| StoreError::io(what(), e);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
+    let sink = StoreSink {
+        out,
+        hasher: xxhash_rust::xxh3::Xxh3::new(),
+    };
+    let writer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(model, IoWriter::new(sink))
+        .map_err(|e| StoreError::serialize(e.to_string()))?;
+    let archive_len = writer.pos() as u64;
+    let StoreSink { out, hasher } = writer.into_inner();
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    let header = Header {
+        format_flags: store_format::format_flags(),
+        type_fingerprint: store_format::type_fingerprint::<M::Archived>(schema_version),
+        archive_len,
+        checksum: hasher.digest(),
+        type_name: std::any::type_name::<M>().to_string(),
+    };
+    file.write_all_at(&header.encode(), 0).map_err(io)?;
+    Ok(file)
 }
 
 /// A persisted model: a cheap, clonable handle to one immutable archive.
@@ -111,11 +172,10 @@ pub fn persist_with_schema<M: Model>(
     model: &M,
     schema_version: u32,
 ) -> Result<ModelStore<M>, StoreError> {
-    let archive =
-        rkyv::to_bytes::<rancor::Error>(model).map_err(|e| StoreError::serialize(e.to_string()))?;
-    let header = header_for::<M>(&archive, schema_version);
-    let fd = sealed_memfd(&header.encode(), &archive)?;
-    drop(archive);
+    let file = write_store(new_memfd()?, model, schema_version, &|| {
+        "write the model into shared memory".into()
+    })?;
+    let fd = seal(file)?;
     // Freshly written from a real `M`: no need to validate what we just made.
     ModelStore::from_trusted_fd(fd)
 }
@@ -124,30 +184,14 @@ pub fn persist_with_schema<M: Model>(
 /// [`ModelStore::load`] or [`ModelStore::open_mapped`].
 pub fn persist_to_path<M: Model>(model: &M, path: impl AsRef<Path>) -> Result<(), StoreError> {
     let path = path.as_ref();
-    let archive =
-        rkyv::to_bytes::<rancor::Error>(model).map_err(|e| StoreError::serialize(e.to_string()))?;
-    let header = header_for::<M>(&archive, 0);
     let what = || format!("write the model store {}", path.display());
-    let mut file = File::create(path).map_err(|e| StoreError::io(what(), e))?;
-    file.write_all(&header.encode())
-        .map_err(|e| StoreError::io(what(), e))?;
-    file.write_all(&archive)
-        .map_err(|e| StoreError::io(what(), e))?;
+    let file = File::create(path).map_err(|e| StoreError::io(what(), e))?;
+    let file = write_store(file, model, 0, &what)?;
     file.sync_all().map_err(|e| StoreError::io(what(), e))
 }
 
-fn header_for<M: rkyv::Archive>(archive: &[u8], schema_version: u32) -> Header {
-    Header {
-        format_flags: store_format::format_flags(),
-        type_fingerprint: store_format::type_fingerprint::<M::Archived>(schema_version),
-        archive_len: archive.len() as u64,
-        checksum: xxhash_rust::xxh3::xxh3_64(archive),
-        type_name: std::any::type_name::<M>().to_string(),
-    }
-}
-
-/// A new memfd holding `header` then `archive`, sealed against any change.
-fn sealed_memfd(header: &[u8], archive: &[u8]) -> Result<OwnedFd, StoreError> {
+/// A new, empty memfd that can be sealed.
+fn new_memfd() -> Result<File, StoreError> {
     // SAFETY: the name is a NUL-terminated literal; the flags are constants.
     let raw = unsafe {
         libc::memfd_create(
@@ -162,15 +206,11 @@ fn sealed_memfd(header: &[u8], archive: &[u8]) -> Result<OwnedFd, StoreError> {
         ));
     }
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut file = File::from(fd);
-    let total = (header.len() + archive.len()) as u64;
-    let write = |file: &mut File| -> std::io::Result<()> {
-        file.set_len(total)?;
-        file.write_all(header)?;
-        file.write_all(archive)
-    };
-    write(&mut file).map_err(|e| StoreError::io("write the model into shared memory", e))?;
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
+}
+
+/// Seals a memfd against every change: writes, growth, shrinking, new seals.
+fn seal(file: File) -> Result<OwnedFd, StoreError> {
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: F_ADD_SEALS takes an int of seal flags on a memfd we own.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
@@ -212,8 +252,11 @@ where
         file.read_to_end(&mut bytes)
             .map_err(|e| StoreError::io(what(), e))?;
         check_bytes::<M>(&bytes, schema_version)?;
-        let fd = sealed_memfd(&bytes[..HEADER_LEN], &bytes[HEADER_LEN..])?;
+        let mut file = new_memfd()?;
+        file.write_all(&bytes)
+            .map_err(|e| StoreError::io("copy the model store into shared memory", e))?;
         drop(bytes);
+        let fd = seal(file)?;
         ModelStore::from_trusted_fd(fd)
     }
 
