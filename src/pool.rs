@@ -10,7 +10,7 @@ use std::time::Duration;
 use procpool_worker::protocol::{
     BATCH_HEADER, Hello, LogRecord, RESULTS_HEADER, Setup, TaskFailure, from_worker, to_worker,
 };
-use procpool_worker::sys::{self, FrameReader, ReadStatus};
+use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -44,7 +44,7 @@ struct InFlight {
 struct Worker {
     id: u32,
     pid: u32,
-    link: OwnedFd,
+    link: LinkEnds,
     reader: FrameReader,
     out: Vec<u8>,
     out_pos: usize,
@@ -60,7 +60,7 @@ impl Worker {
     /// Sends as much pending output as the socket takes without blocking.
     fn flush(&mut self) -> std::io::Result<()> {
         while self.has_output() {
-            let n = sys::send_some(self.link.as_raw_fd(), &self.out[self.out_pos..])?;
+            let n = sys::write_some(self.link.write.as_raw_fd(), &self.out[self.out_pos..])?;
             if n == 0 {
                 return Ok(());
             }
@@ -156,7 +156,7 @@ impl Pool {
             link,
             mut reaper,
         } = launched;
-        let fd = link.as_raw_fd();
+        let fd = link.read.as_raw_fd();
         let mut reader = FrameReader::default();
         let result = (|| {
             let hello: Hello = match read_frame_timeout(&mut reader, fd, id)? {
@@ -177,7 +177,8 @@ impl Pool {
                 postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
             let mut frame = Vec::new();
             sys::push_frame(&mut frame, to_worker::SETUP, &body);
-            sys::send_all(fd, &frame).map_err(|e| PoolError::io("send setup to a worker", e))?;
+            sys::write_all(link.write.as_raw_fd(), &frame)
+                .map_err(|e| PoolError::io("send setup to a worker", e))?;
             match read_frame_timeout(&mut reader, fd, id)? {
                 (from_worker::READY, _) => Ok(()),
                 (from_worker::FATAL, body) => {
@@ -192,8 +193,11 @@ impl Pool {
         })();
         match result {
             Ok(()) => {
-                sys::set_nonblocking(fd, true)
-                    .map_err(|e| PoolError::io("configure a worker socket", e))?;
+                // Writes must never block (a worker may be writing to us);
+                // reads stay blocking and happen only when poll says so, or
+                // when one worker alone has work (see `wait_and_collect`).
+                sys::set_nonblocking(link.write.as_raw_fd(), true)
+                    .map_err(|e| PoolError::io("configure a worker link", e))?;
                 Ok(Worker {
                     id,
                     pid,
@@ -238,19 +242,18 @@ impl Pool {
         let mut frame = Vec::new();
         sys::push_frame(&mut frame, to_worker::SHUTDOWN, &[]);
         for worker in &mut self.workers {
-            let _ = sys::set_nonblocking(worker.link.as_raw_fd(), false);
-            let _ = sys::send_all(worker.link.as_raw_fd(), &frame);
+            let _ = sys::write_all(worker.link.write.as_raw_fd(), &frame);
         }
         let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
         for worker in &mut self.workers {
             // Drain until the worker closes its end: nothing it logged is lost.
             loop {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match sys::wait_readable(worker.link.as_raw_fd(), left.as_millis() as i32) {
+                match sys::wait_readable(worker.link.read.as_raw_fd(), left.as_millis() as i32) {
                     Ok(true) => {}
                     _ => break,
                 }
-                match worker.reader.fill(worker.link.as_raw_fd(), true) {
+                match worker.reader.fill(worker.link.read.as_raw_fd()) {
                     Ok(ReadStatus::Data) | Ok(ReadStatus::Empty) => {}
                     _ => break,
                 }
@@ -305,7 +308,7 @@ fn read_frame_timeout(
             continue;
         }
         if reader
-            .fill(fd, true)
+            .fill(fd)
             .map_err(|e| PoolError::io("read from a worker", e))?
             == ReadStatus::Closed
         {
@@ -518,40 +521,72 @@ where
 
     /// Waits until some worker has results (or died), and collects them.
     fn wait_and_collect(&mut self) {
-        let mut pollfds: Vec<libc::pollfd> = self
+        // One busy worker and nothing to send: block in its read directly,
+        // which wakes sooner than poll does (a lone task's round trip).
+        let mut busy = self
             .pool
             .workers
             .iter()
-            .map(|w| libc::pollfd {
-                fd: w.link.as_raw_fd(),
-                events: libc::POLLIN | if w.has_output() { libc::POLLOUT } else { 0 },
+            .enumerate()
+            .filter(|(_, w)| !w.in_flight.is_empty());
+        if let (Some((slot, _)), None) = (busy.next(), busy.next()) {
+            if !self.pool.workers.iter().any(Worker::has_output) {
+                let worker = &mut self.pool.workers[slot];
+                let status = worker.reader.fill(worker.link.read.as_raw_fd());
+                let closed = !matches!(status, Ok(ReadStatus::Data) | Ok(ReadStatus::Empty));
+                if self.collect_frames(slot).is_err() || closed {
+                    self.worker_died(slot);
+                }
+                return;
+            }
+        }
+        // One entry per worker's read end, then one per write end with output
+        // waiting; `owners[i]` is the worker slot of `pollfds[i]`.
+        let mut pollfds = Vec::with_capacity(self.pool.workers.len() * 2);
+        let mut owners = Vec::with_capacity(self.pool.workers.len() * 2);
+        for (slot, w) in self.pool.workers.iter().enumerate() {
+            pollfds.push(libc::pollfd {
+                fd: w.link.read.as_raw_fd(),
+                events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
+            });
+            owners.push(slot);
+            if w.has_output() {
+                pollfds.push(libc::pollfd {
+                    fd: w.link.write.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
+                owners.push(slot);
+            }
+        }
         // SAFETY: `pollfds` is a valid array of its length.
         let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
         if n <= 0 {
             return;
         }
         let mut dead = Vec::new();
-        for (slot, pfd) in pollfds.iter().enumerate() {
-            if pfd.revents == 0 {
+        for (pfd, &slot) in pollfds.iter().zip(&owners) {
+            if pfd.revents == 0 || dead.contains(&slot) {
                 continue;
             }
             let worker = &mut self.pool.workers[slot];
-            if pfd.revents & libc::POLLOUT != 0 && worker.flush().is_err() {
-                dead.push(slot);
-                continue;
-            }
-            if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                let status = worker.reader.fill(worker.link.as_raw_fd(), true);
-                let closed = !matches!(status, Ok(ReadStatus::Data) | Ok(ReadStatus::Empty));
-                if self.collect_frames(slot).is_err() || closed {
+            if pfd.events == libc::POLLOUT {
+                // Writable, or the worker's read end closed (POLLERR).
+                if worker.flush().is_err() {
                     dead.push(slot);
                 }
+                continue;
+            }
+            let status = worker.reader.fill(worker.link.read.as_raw_fd());
+            let closed = !matches!(status, Ok(ReadStatus::Data) | Ok(ReadStatus::Empty));
+            if self.collect_frames(slot).is_err() || closed {
+                dead.push(slot);
             }
         }
-        for slot in dead {
+        // Highest slot first: replacing a worker may remove its slot.
+        dead.sort_unstable();
+        for slot in dead.into_iter().rev() {
             self.worker_died(slot);
         }
     }

@@ -1,6 +1,8 @@
 //! `StartMethod::Fork`: fork the worker straight from this process.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
+
+use procpool_worker::sys::LinkEnds;
 
 use super::Reaper;
 use crate::error::PoolError;
@@ -16,7 +18,7 @@ pub(crate) fn thread_count() -> Option<usize> {
 
 pub(super) fn fork(
     _label: &str,
-    link: OwnedFd,
+    link: LinkEnds,
     model: BorrowedFd<'_>,
 ) -> Result<(u32, Reaper), PoolError> {
     match thread_count() {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{ExitInfo, ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
-use procpool_worker::sys;
+use procpool_worker::sys::{self, LinkEnds};
 
 use crate::error::PoolError;
 
@@ -166,7 +166,7 @@ impl ForkServer {
     pub fn spawn(
         &self,
         label: &str,
-        link: OwnedFd,
+        link: LinkEnds,
         model: BorrowedFd<'_>,
     ) -> Result<u32, PoolError> {
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +177,14 @@ impl ForkServer {
             label: label.to_string(),
             has_model: true,
         };
-        if let Err(e) = self.send(&request, &[link.as_raw_fd(), model.as_raw_fd()]) {
+        if let Err(e) = self.send(
+            &request,
+            &[
+                link.read.as_raw_fd(),
+                link.write.as_raw_fd(),
+                model.as_raw_fd(),
+            ],
+        ) {
             lock(&self.pending).remove(&request_id);
             return Err(PoolError::io("ask the fork server for a worker", e));
         }

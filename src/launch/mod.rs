@@ -1,16 +1,16 @@
 //! Starting worker processes. Three start methods share one result: a
-//! process running the worker loop, connected to us by a stream socket, with
+//! process running the worker loop, connected to us by a pair of pipes, with
 //! a way to learn how it ended.
 
 mod fork;
 pub(crate) mod fork_server;
 mod spawn;
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use procpool_worker::protocol::ExitInfo;
-use procpool_worker::sys;
+use procpool_worker::sys::{self, LinkEnds};
 
 use crate::error::PoolError;
 
@@ -57,7 +57,7 @@ impl StartMethod {
 /// A started worker, before the handshake.
 pub(crate) struct Launched {
     pub pid: u32,
-    pub link: OwnedFd,
+    pub link: LinkEnds,
     pub reaper: Reaper,
 }
 
@@ -154,12 +154,7 @@ pub(crate) fn launch(
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
-    let (ours, theirs) = sys::socket_pair(libc::SOCK_STREAM)
-        .map_err(|e| PoolError::io("create a worker socket", e))?;
-    sys::grow_socket_buffers(
-        std::os::fd::AsRawFd::as_raw_fd(&ours),
-        procpool_worker::task_loop::LINK_BUFFER,
-    );
+    let (ours, theirs) = sys::link_pair().map_err(|e| PoolError::io("create a worker link", e))?;
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;

@@ -1,45 +1,48 @@
 //! `StartMethod::Spawn`: re-execute this program as a worker.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use procpool_worker::protocol::ROLE_ENV;
-use procpool_worker::sys;
+use procpool_worker::sys::{self, LinkEnds};
 
 use super::Reaper;
 use crate::error::PoolError;
 
 pub(super) fn spawn(
     label: &str,
-    link: OwnedFd,
+    link: LinkEnds,
     model: BorrowedFd<'_>,
 ) -> Result<(u32, Reaper), PoolError> {
-    let (link_fd, model_fd) = (link.as_raw_fd(), model.as_raw_fd());
+    let fds = [
+        link.read.as_raw_fd(),
+        link.write.as_raw_fd(),
+        model.as_raw_fd(),
+    ];
     let mut command = Command::new("/proc/self/exe");
     command
-        .env(ROLE_ENV, "worker:3:4")
+        .env(ROLE_ENV, "worker:3:4:5")
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: the hook runs between fork and exec and calls only dup2 and
-    // fcntl, which are async-signal-safe. It places the link at 3 and the
-    // model at 4 (moving the link out of the way first if it sits at 4).
+    // SAFETY: the hook runs between fork and exec and calls only fcntl and
+    // dup2, which are async-signal-safe. It moves the three descriptors out
+    // of the way, then places them at 3, 4 and 5 (dup2 clears close-on-exec).
     unsafe {
         command.pre_exec(move || {
-            let mut link = link_fd;
-            if link == 4 {
-                link = libc::fcntl(link, libc::F_DUPFD, 10);
-                if link < 0 {
+            let mut high = [0; 3];
+            for (slot, fd) in high.iter_mut().zip(fds) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD, 10);
+                if *slot < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::dup2(model_fd, 4) < 0 || libc::dup2(link, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for (target, fd) in (3..).zip(high) {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-            // dup2 onto the same number keeps close-on-exec; clear it.
-            libc::fcntl(3, libc::F_SETFD, 0);
-            libc::fcntl(4, libc::F_SETFD, 0);
             Ok(())
         });
     }

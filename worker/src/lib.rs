@@ -58,15 +58,20 @@ fn procpool_entry() {
                 zygote::run(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
-        ["worker", sock, model] => {
-            if let Some(sock) = parse_fd(sock) {
-                // SAFETY: the parent placed the link (and the model store) at
-                // these descriptors for this process alone.
-                let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        ["worker", read, write, model] => {
+            if let (Some(read), Some(write)) = (parse_fd(read), parse_fd(write)) {
+                // SAFETY: the parent placed the link's ends (and the model
+                // store) at these descriptors for this process alone.
+                let link = unsafe {
+                    sys::LinkEnds {
+                        read: OwnedFd::from_raw_fd(read),
+                        write: OwnedFd::from_raw_fd(write),
+                    }
+                };
                 // SAFETY: as above.
                 let model = parse_fd(model).map(|m| unsafe { OwnedFd::from_raw_fd(m) });
                 sys::reset_signals_for_child();
-                task_loop::run(sock, model);
+                task_loop::run(link, model);
             }
         }
         _ => {}

@@ -9,7 +9,7 @@ use crate::sys;
 
 static LINK: OnceLock<Mutex<RawFd>> = OnceLock::new();
 
-/// Makes `fd` the link every later send uses.
+/// Makes `fd` (the write end of the link) where every later frame goes.
 pub fn set(fd: RawFd) {
     let _ = LINK.set(Mutex::new(fd));
 }
@@ -33,5 +33,5 @@ pub fn send_raw(bytes: &[u8]) -> io::Result<()> {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     };
-    sys::send_all(*fd, bytes)
+    sys::write_all(*fd, bytes)
 }

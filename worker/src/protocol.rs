@@ -97,8 +97,8 @@ pub enum TaskFailure {
 /// Messages from the parent to the fork server, one per datagram.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ZygoteRequest {
-    /// Fork a worker. Attached descriptors: the worker's socket, then the
-    /// model store if `has_model`.
+    /// Fork a worker. Attached descriptors: the worker's ends of its link
+    /// (read, then write), then the model store if `has_model`.
     Spawn {
         /// Echoed in the reply.
         request_id: u64,

@@ -8,11 +8,8 @@ use crate::fnref;
 use crate::link;
 use crate::protocol::{BATCH_HEADER, Hello, Setup, from_worker, to_worker};
 use crate::store_format::{HEADER_LEN, Header};
-use crate::sys::{self, FrameReader};
+use crate::sys::{self, FrameReader, LinkEnds};
 use crate::task::{BatchRunner, BatchView};
-
-/// Socket buffer size for worker links.
-pub const LINK_BUFFER: usize = 4 << 20;
 
 fn fatal(message: String) -> ! {
     if let Ok(body) = postcard::to_allocvec(&message) {
@@ -77,12 +74,13 @@ unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String
     Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
 }
 
-/// Runs the worker on `sock` with the model store `model`. Never returns.
-pub fn run(sock: OwnedFd, model: Option<OwnedFd>) -> ! {
-    let fd = sock.as_raw_fd();
-    std::mem::forget(sock);
-    sys::grow_socket_buffers(fd, LINK_BUFFER);
-    link::set(fd);
+/// Runs the worker on `link` with the model store `model`. Never returns.
+pub fn run(link_ends: LinkEnds, model: Option<OwnedFd>) -> ! {
+    let fd = link_ends.read.as_raw_fd();
+    let out_fd = link_ends.write.as_raw_fd();
+    // Both ends live as long as the process.
+    std::mem::forget(link_ends);
+    link::set(out_fd);
     let hello = Hello {
         pid: std::process::id(),
         fingerprint: fnref::fingerprint(),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::protocol::{ExitInfo, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
-use crate::sys;
+use crate::sys::{self, LinkEnds};
 
 struct Child {
     label: String,
@@ -96,7 +96,10 @@ fn fork_worker(
     label: String,
 ) -> Result<(u32, Child), String> {
     let mut fds = fds.into_iter();
-    let sock = fds.next().ok_or("spawn request carried no socket")?;
+    let (Some(read), Some(write)) = (fds.next(), fds.next()) else {
+        return Err("spawn request carried no link".into());
+    };
+    let link = LinkEnds { read, write };
     let model = if has_model {
         Some(fds.next().ok_or("spawn request carried no model store")?)
     } else {
@@ -112,7 +115,7 @@ fn fork_worker(
         return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        become_worker(zygote_pid, sock, model, Some(err_write));
+        become_worker(zygote_pid, link, model, Some(err_write));
     }
     Ok((
         pid as u32,
@@ -125,11 +128,11 @@ fn fork_worker(
 }
 
 /// In a freshly forked child: arrange descriptors 2 (stderr, if given),
-/// 3 (link) and 4 (model), close everything else, and become a worker that
-/// dies with `parent_pid`.
+/// 3 and 4 (the link's read and write ends) and 5 (the model), close
+/// everything else, and become a worker that dies with `parent_pid`.
 pub fn become_worker(
     parent_pid: libc::pid_t,
-    sock: OwnedFd,
+    link: LinkEnds,
     model: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> ! {
@@ -145,25 +148,30 @@ pub fn become_worker(
         }
         n
     };
-    let sock = high(sock);
+    let (read, write) = (high(link.read), high(link.write));
     let model = model.map(high);
     let err = stderr.map(high);
     let ok = err.is_none_or(|e| sys::dup_to(e, 2).is_ok())
-        && sys::dup_to(sock, 3).is_ok()
-        && model.is_none_or(|m| sys::dup_to(m, 4).is_ok());
+        && sys::dup_to(read, 3).is_ok()
+        && sys::dup_to(write, 4).is_ok()
+        && model.is_none_or(|m| sys::dup_to(m, 5).is_ok());
     if !ok {
         // SAFETY: as above.
         unsafe { libc::_exit(3) };
     }
-    sys::close_from(if model.is_some() { 5 } else { 4 });
-    // SAFETY: 3 (and 4) now hold the link and the model store, owned by nobody else.
-    let (sock, model) = unsafe {
+    sys::close_from(if model.is_some() { 6 } else { 5 });
+    // SAFETY: 3 and 4 now hold the link and 5 the model store, owned by
+    // nobody else in this process.
+    let (link, model) = unsafe {
         (
-            OwnedFd::from_raw_fd(3),
-            model.map(|_| OwnedFd::from_raw_fd(4)),
+            LinkEnds {
+                read: OwnedFd::from_raw_fd(3),
+                write: OwnedFd::from_raw_fd(4),
+            },
+            model.map(|_| OwnedFd::from_raw_fd(5)),
         )
     };
-    crate::task_loop::run(sock, model)
+    crate::task_loop::run(link, model)
 }
 
 /// Runs the fork server on the link `ctrl`. Never returns.
