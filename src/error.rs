@@ -24,6 +24,17 @@ pub struct TaskError {
     kind: TaskErrorKind,
 }
 
+/// Why a worker died while running a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Death {
+    /// It crashed on its own (signal, abort, exit).
+    Crash,
+    /// We stopped it: the task ran past its time limit.
+    Timeout(std::time::Duration),
+    /// An allocation failed under its memory limit.
+    OutOfMemory,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TaskErrorKind {
     Panicked {
@@ -36,6 +47,8 @@ enum TaskErrorKind {
         worker_id: u32,
         pid: u32,
         exit: Option<ExitInfo>,
+        stderr_tail: String,
+        cause: Death,
     },
     Pool(String),
 }
@@ -58,14 +71,32 @@ impl TaskError {
         index: u64,
         worker_id: u32,
         pid: u32,
-        exit: Option<ExitInfo>,
+        ended: Option<crate::launch::Ended>,
+        cause: Death,
     ) -> TaskError {
+        let (exit, stderr_tail) = match ended {
+            Some(e) => (Some(e.exit), e.stderr_tail),
+            None => (None, String::new()),
+        };
+        // Rust's default allocation-error handler prints this, then aborts.
+        let cause = match (cause, exit) {
+            (
+                Death::Crash,
+                Some(ExitInfo::Signal {
+                    signal: libc::SIGABRT,
+                    ..
+                }),
+            ) if stderr_tail.contains("memory allocation of") => Death::OutOfMemory,
+            (cause, _) => cause,
+        };
         TaskError {
             index,
             kind: TaskErrorKind::WorkerDied {
                 worker_id,
                 pid,
                 exit,
+                stderr_tail,
+                cause,
             },
         }
     }
@@ -110,9 +141,49 @@ impl TaskError {
         }
     }
 
-    /// True if the worker running the task died (signal, abort, exit).
+    /// True if the worker running the task died on its own: a signal
+    /// (SIGSEGV, SIGABRT, SIGKILL from outside …), an exit, or running out
+    /// of memory. A timeout is not a crash: see [`is_timeout`](Self::is_timeout).
     pub fn is_crash(&self) -> bool {
-        matches!(self.kind, TaskErrorKind::WorkerDied { .. })
+        matches!(
+            self.kind,
+            TaskErrorKind::WorkerDied {
+                cause: Death::Crash | Death::OutOfMemory,
+                ..
+            }
+        )
+    }
+
+    /// True if the task ran past its time limit and its worker was stopped.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self.kind,
+            TaskErrorKind::WorkerDied {
+                cause: Death::Timeout(_),
+                ..
+            }
+        )
+    }
+
+    /// True if an allocation failed under the worker's memory limit.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(
+            self.kind,
+            TaskErrorKind::WorkerDied {
+                cause: Death::OutOfMemory,
+                ..
+            }
+        )
+    }
+
+    /// The last lines the dead worker wrote to stderr, when known.
+    pub fn stderr_tail(&self) -> Option<&str> {
+        match &self.kind {
+            TaskErrorKind::WorkerDied { stderr_tail, .. } if !stderr_tail.is_empty() => {
+                Some(stderr_tail)
+            }
+            _ => None,
+        }
     }
 
     /// The signal that killed the worker, if one did.
@@ -219,13 +290,27 @@ impl fmt::Display for TaskError {
                 worker_id,
                 pid,
                 exit,
-            } => {
-                write!(
+                cause,
+                ..
+            } => match cause {
+                Death::Crash => {
+                    write!(
+                        f,
+                        "task {i}: worker {worker_id} (pid {pid}) died with {}",
+                        describe_exit(*exit)
+                    )
+                }
+                Death::Timeout(limit) => write!(
                     f,
-                    "task {i}: worker {worker_id} (pid {pid}) died with {}",
+                    "task {i} timed out after {limit:?}: worker {worker_id} (pid {pid}) was stopped ({})",
                     describe_exit(*exit)
-                )
-            }
+                ),
+                Death::OutOfMemory => write!(
+                    f,
+                    "task {i} ran out of memory: an allocation failed in worker {worker_id} (pid {pid}), which died with {}",
+                    describe_exit(*exit)
+                ),
+            },
             TaskErrorKind::Pool(m) => write!(f, "task {i}: {m}"),
         }
     }

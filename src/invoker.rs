@@ -1,6 +1,8 @@
 //! The invoker: a model, a function, and the processes that apply one to
 //! the other over a stream of arguments.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -80,6 +82,10 @@ pub struct InvokerBuilder<M: rkyv::Archive, A, R> {
     start_method: StartMethod,
     chunk_size: Option<usize>,
     seed: Option<u64>,
+    task_timeout: Option<Duration>,
+    memory_limit: Option<u64>,
+    max_tries: u32,
+    fail_fast: bool,
 }
 
 impl<M: rkyv::Archive, A, R> std::fmt::Debug for InvokerBuilder<M, A, R> {
@@ -89,6 +95,10 @@ impl<M: rkyv::Archive, A, R> std::fmt::Debug for InvokerBuilder<M, A, R> {
             .field("start_method", &self.start_method)
             .field("chunk_size", &self.chunk_size)
             .field("seed", &self.seed)
+            .field("task_timeout", &self.task_timeout)
+            .field("memory_limit", &self.memory_limit)
+            .field("max_tries", &self.max_tries)
+            .field("fail_fast", &self.fail_fast)
             .finish()
     }
 }
@@ -108,6 +118,10 @@ where
             start_method: StartMethod::default(),
             chunk_size: None,
             seed: None,
+            task_timeout: None,
+            memory_limit: None,
+            max_tries: 2,
+            fail_fast: false,
         }
     }
 
@@ -137,6 +151,39 @@ where
         self
     }
 
+    /// Stops a worker whose task runs longer than `limit` (SIGTERM, then
+    /// SIGKILL half a second later); that task fails with
+    /// [`TaskError::is_timeout`] and is not retried. Applies to worker
+    /// processes only: with `n_jobs = 1` tasks run in this process.
+    pub fn task_timeout(mut self, limit: Duration) -> Self {
+        self.task_timeout = Some(limit);
+        self
+    }
+
+    /// Limits each worker's address space to `bytes` (`RLIMIT_AS`; the
+    /// model's mapping counts too). A task whose allocation fails under it
+    /// fails with [`TaskError::is_out_of_memory`]. Worker processes only.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// How many worker deaths a task may cause before it is reported as
+    /// failed rather than run again (default 2: a task that crashes once is
+    /// retried once, alone).
+    pub fn max_tries(mut self, tries: u32) -> Self {
+        self.max_tries = tries;
+        self
+    }
+
+    /// Ends each map at its first error: that error is the last item, the
+    /// remaining input is not read, and running tasks are stopped (their
+    /// workers are killed and replaced). Default: one result per argument.
+    pub fn fail_fast(mut self, on: bool) -> Self {
+        self.fail_fast = on;
+        self
+    }
+
     /// Starts the workers.
     ///
     /// # Errors
@@ -151,6 +198,12 @@ where
         };
         if self.chunk_size == Some(0) {
             return Err(PoolError::refused("chunk_size must be at least 1"));
+        }
+        if self.max_tries == 0 {
+            return Err(PoolError::refused("max_tries must be at least 1"));
+        }
+        if self.task_timeout == Some(Duration::ZERO) {
+            return Err(PoolError::refused("task_timeout must be longer than zero"));
         }
         let root_seed = match self.seed {
             Some(s) => s,
@@ -169,12 +222,15 @@ where
                 user_fn: procpool_worker::fnref::offset_of(self.func as usize),
                 max_log_level: log::max_level() as usize as u8,
                 env: crate::config::worker_env(n_jobs),
+                memory_limit: self.memory_limit,
             };
             Backend::Pool(Pool::start(PoolSpec {
                 method: self.start_method,
                 n_jobs,
-                model,
+                model: Some(model),
                 setup,
+                task_timeout: self.task_timeout,
+                max_tries: self.max_tries,
             })?)
         };
         Ok(Invoker {
@@ -184,6 +240,7 @@ where
             sizer: BatchSizer::new(self.chunk_size),
             root_seed,
             n_jobs,
+            fail_fast: self.fail_fast,
         })
     }
 }
@@ -203,6 +260,7 @@ pub struct Invoker<M: rkyv::Archive, A, R> {
     sizer: BatchSizer,
     root_seed: u64,
     n_jobs: usize,
+    fail_fast: bool,
 }
 
 impl<M: rkyv::Archive, A, R> std::fmt::Debug for Invoker<M, A, R> {
@@ -255,6 +313,8 @@ where
                 input,
                 next_index: 0,
                 root_seed: self.root_seed,
+                fail_fast: self.fail_fast,
+                stopped: false,
             },
             Backend::Pool(pool) => MapInner::Pool(Run::new(
                 pool,
@@ -262,6 +322,7 @@ where
                 input,
                 self.root_seed,
                 ordered,
+                self.fail_fast,
             )),
         }
     }
@@ -319,6 +380,8 @@ where
         input: I,
         next_index: u64,
         root_seed: u64,
+        fail_fast: bool,
+        stopped: bool,
     },
     Pool(Run<'a, I, A, R>),
 }
@@ -339,11 +402,18 @@ where
                 input,
                 next_index,
                 root_seed,
+                fail_fast,
+                stopped,
             } => {
+                if *stopped {
+                    return None;
+                }
                 let arg = input.next()?;
                 let index = *next_index;
                 *next_index += 1;
-                Some((index, run_in_process(store, *func, arg, index, *root_seed)))
+                let result = run_in_process(store, *func, arg, index, *root_seed);
+                *stopped = *fail_fast && result.is_err();
+                Some((index, result))
             }
         }
     }

@@ -1,22 +1,27 @@
 //! The engine behind a multi-process invoker: a set of workers, batches sent
-//! to them, results collected in order or as they come, and workers that die
-//! detected at once (their socket closes) and replaced.
+//! to them, results collected in order or as they come.
+//!
+//! A worker that dies is noticed at once (its pipe reaches end of file). Its
+//! status page says which task it was running: only that task fails (after
+//! `max_tries` deaths), the other tasks it held run again elsewhere from the
+//! copy of their arguments kept here, and a fresh worker takes its place.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{
-    BATCH_HEADER, Hello, LogRecord, RESULTS_HEADER, Setup, TaskFailure, from_worker, to_worker,
+    Hello, LogRecord, RESULTS_HEADER, Setup, TaskFailure, from_worker, to_worker,
 };
+use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::batching::BatchSizer;
-use crate::error::{PoolError, TaskError};
-use crate::launch::{self, Reaper, StartMethod};
+use crate::error::{Death, PoolError, TaskError};
+use crate::launch::{self, Reaper, StartMethod, StatusPage};
 
 /// Batches each worker may hold at once: one running, one waiting, so a
 /// worker never idles between batches.
@@ -27,29 +32,89 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a worker may take to drain and exit at shutdown before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a timed-out worker has between SIGTERM and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_millis(500);
 
-/// What every worker of a pool is set up with.
+/// What every worker of a pool is set up with, and the pool's policies.
 pub(crate) struct PoolSpec {
     pub method: StartMethod,
     pub n_jobs: usize,
-    pub model: OwnedFd,
+    pub model: Option<OwnedFd>,
     pub setup: Setup,
+    /// Longest a task may run before its worker is stopped.
+    pub task_timeout: Option<Duration>,
+    /// Deaths a task may cause before it is reported instead of retried.
+    pub max_tries: u32,
 }
 
-struct InFlight {
+/// Tasks with contiguous indices and their encoded arguments.
+struct Batch {
     first_index: u64,
-    count: u32,
+    /// Where each task's argument starts in `items`.
+    offsets: Vec<u32>,
+    items: Vec<u8>,
+}
+
+impl Batch {
+    fn count(&self) -> u32 {
+        self.offsets.len() as u32
+    }
+
+    /// The encoded argument of the task at `i` in this batch.
+    fn item(&self, i: usize) -> &[u8] {
+        let start = self.offsets[i] as usize;
+        let end = self
+            .offsets
+            .get(i + 1)
+            .map_or(self.items.len(), |&o| o as usize);
+        &self.items[start..end]
+    }
+
+    /// Tasks `range` of this batch as a batch of their own.
+    fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+        let mut part = Batch {
+            first_index: self.first_index + range.start as u64,
+            offsets: Vec::new(),
+            items: Vec::new(),
+        };
+        for i in range {
+            part.offsets.push(part.items.len() as u32);
+            part.items.extend_from_slice(self.item(i));
+        }
+        part
+    }
+
+    /// Appends this batch to `out` as a BATCH frame.
+    fn write_frame(&self, root_seed: u64, out: &mut Vec<u8>) {
+        let start = sys::begin_frame(out, to_worker::BATCH);
+        out.extend_from_slice(&self.first_index.to_le_bytes());
+        out.extend_from_slice(&root_seed.to_le_bytes());
+        out.extend_from_slice(&self.count().to_le_bytes());
+        out.extend_from_slice(&self.items);
+        sys::end_frame(out, start);
+    }
+}
+
+/// Why we are stopping a worker, if we are.
+struct Stopping {
+    /// The task that ran past its time limit.
+    task: u64,
+    /// When SIGTERM went out.
+    since: Instant,
+    killed: bool,
 }
 
 struct Worker {
     id: u32,
     pid: u32,
     link: LinkEnds,
+    status: StatusPage,
     reader: FrameReader,
     out: Vec<u8>,
     out_pos: usize,
-    in_flight: VecDeque<InFlight>,
+    in_flight: VecDeque<Batch>,
     reaper: Reaper,
+    stopping: Option<Stopping>,
 }
 
 impl Worker {
@@ -57,7 +122,7 @@ impl Worker {
         self.out_pos < self.out.len()
     }
 
-    /// Sends as much pending output as the socket takes without blocking.
+    /// Sends as much pending output as the pipe takes without blocking.
     fn flush(&mut self) -> std::io::Result<()> {
         while self.has_output() {
             let n = sys::write_some(self.link.write.as_raw_fd(), &self.out[self.out_pos..])?;
@@ -69,6 +134,12 @@ impl Worker {
         self.out.clear();
         self.out_pos = 0;
         Ok(())
+    }
+
+    /// Kills the worker and waits for how it ended.
+    fn kill_and_reap(&mut self) -> Option<launch::Ended> {
+        self.reaper.kill(self.pid, libc::SIGKILL);
+        self.reaper.wait(self.pid, EXIT_STATUS_TIMEOUT)
     }
 }
 
@@ -146,7 +217,11 @@ impl Pool {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let label = format!("[procpool worker {id}] ");
-        let launched = launch::launch(self.spec.method, &label, self.spec.model.as_fd())?;
+        let launched = launch::launch(
+            self.spec.method,
+            &label,
+            self.spec.model.as_ref().map(|m| m.as_fd()),
+        )?;
         Ok((id, launched))
     }
 
@@ -154,6 +229,7 @@ impl Pool {
         let launch::Launched {
             pid,
             link,
+            status,
             mut reaper,
         } = launched;
         let fd = link.read.as_raw_fd();
@@ -202,33 +278,43 @@ impl Pool {
                     id,
                     pid,
                     link,
+                    status,
                     reader,
                     out: Vec::new(),
                     out_pos: 0,
                     in_flight: VecDeque::new(),
                     reaper,
+                    stopping: None,
                 })
             }
             Err(e) => {
                 reaper.kill(pid, libc::SIGKILL);
-                let status = reaper.wait(pid, EXIT_STATUS_TIMEOUT);
+                let ended = reaper.wait(pid, EXIT_STATUS_TIMEOUT);
                 if e.is_io() || e.is_worker_fatal() || e.is_build_mismatch() {
                     return Err(e);
                 }
                 Err(PoolError::protocol(format!(
                     "worker {id} (pid {pid}) failed during start-up ({e}); it ended with {}",
-                    crate::error::describe_exit(status)
+                    crate::error::describe_exit(ended.map(|e| e.exit))
                 )))
             }
         }
     }
 
-    /// Replaces the worker at `slot` (whose process has ended) by a new one.
-    fn replace(&mut self, slot: usize) -> Result<(), PoolError> {
-        let (id, launched) = self.launch_one()?;
-        let worker = self.handshake(id, launched)?;
-        self.workers[slot] = worker;
-        Ok(())
+    /// Replaces the worker at `slot` (whose process has ended) by a new one;
+    /// if none can be started, the pool goes on with one worker fewer.
+    fn replace(&mut self, slot: usize) {
+        let (id, pid) = (self.workers[slot].id, self.workers[slot].pid);
+        match self
+            .launch_one()
+            .and_then(|(id, launched)| self.handshake(id, launched))
+        {
+            Ok(worker) => self.workers[slot] = worker,
+            Err(e) => {
+                log::error!(target: "procpool", "cannot replace worker {id} (pid {pid}): {e}");
+                self.workers.remove(slot);
+            }
+        }
     }
 
     /// The process ids of the running workers.
@@ -242,13 +328,14 @@ impl Pool {
         let mut frame = Vec::new();
         sys::push_frame(&mut frame, to_worker::SHUTDOWN, &[]);
         for worker in &mut self.workers {
+            let _ = sys::set_nonblocking(worker.link.write.as_raw_fd(), false);
             let _ = sys::write_all(worker.link.write.as_raw_fd(), &frame);
         }
-        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
         for worker in &mut self.workers {
             // Drain until the worker closes its end: nothing it logged is lost.
             loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let left = deadline.saturating_duration_since(Instant::now());
                 match sys::wait_readable(worker.link.read.as_raw_fd(), left.as_millis() as i32) {
                     Ok(true) => {}
                     _ => break,
@@ -270,8 +357,7 @@ impl Pool {
                 .wait(worker.pid, Duration::from_millis(200))
                 .is_none()
             {
-                worker.reaper.kill(worker.pid, libc::SIGKILL);
-                worker.reaper.wait(worker.pid, EXIT_STATUS_TIMEOUT);
+                worker.kill_and_reap();
             }
         }
         self.workers.clear();
@@ -284,7 +370,7 @@ fn read_frame_timeout(
     fd: i32,
     worker_id: u32,
 ) -> Result<(u8, Vec<u8>), PoolError> {
-    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
         if let Some((tag, body)) = reader
             .next_frame()
@@ -298,7 +384,7 @@ fn read_frame_timeout(
             }
             return Ok((tag, body.to_vec()));
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(PoolError::protocol("timed out waiting for a worker"));
         }
@@ -374,7 +460,13 @@ where
     next_index: u64,
     root_seed: u64,
     collector: Collector<R>,
-    batch: Vec<u8>,
+    /// Tasks to run again because a worker died holding them.
+    retry: VecDeque<Batch>,
+    /// Deaths each task has caused (only tasks that caused one).
+    deaths: HashMap<u64, u32>,
+    fail_fast: bool,
+    /// Set once fail-fast has stopped the run.
+    stopped: bool,
     _types: PhantomData<fn(A) -> R>,
 }
 
@@ -390,6 +482,7 @@ where
         input: I,
         root_seed: u64,
         ordered: bool,
+        fail_fast: bool,
     ) -> Self {
         let collector = if ordered {
             Collector::Ordered {
@@ -409,7 +502,10 @@ where
             next_index: 0,
             root_seed,
             collector,
-            batch: Vec::new(),
+            retry: VecDeque::new(),
+            deaths: HashMap::new(),
+            fail_fast,
+            stopped: false,
             _types: PhantomData,
         }
     }
@@ -420,6 +516,18 @@ where
 
     /// The next result, waiting for workers as needed.
     pub fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
+        if self.stopped {
+            return None;
+        }
+        let result = self.next_inner()?;
+        if self.fail_fast && result.1.is_err() {
+            self.cancel();
+            self.stopped = true;
+        }
+        Some(result)
+    }
+
+    fn next_inner(&mut self) -> Option<(u64, Result<R, TaskError>)> {
         loop {
             if let Some(result) = self.collector.take() {
                 return Some(result);
@@ -429,21 +537,11 @@ where
                 return Some(result);
             }
             if !self.in_flight() {
-                if self.exhausted {
+                if self.exhausted && self.retry.is_empty() {
                     return None;
                 }
                 if self.pool.workers.is_empty() {
-                    // No worker could be started: fail the inputs one by one.
-                    let index = self.next_index;
-                    self.input.next()?;
-                    self.next_index += 1;
-                    return Some((
-                        index,
-                        Err(TaskError::pool(
-                            index,
-                            "no worker is running and none could be started",
-                        )),
-                    ));
+                    return self.fail_without_workers();
                 }
                 continue;
             }
@@ -451,85 +549,91 @@ where
         }
     }
 
-    /// Gives every worker with room a new batch from the input.
+    /// No worker runs and none could be started: fail what is left, one by one.
+    fn fail_without_workers(&mut self) -> Option<(u64, Result<R, TaskError>)> {
+        let msg = "no worker is running and none could be started";
+        if let Some(batch) = self.retry.pop_front() {
+            for i in 0..u64::from(batch.count()) {
+                let index = batch.first_index + i;
+                self.collector.put(index, Err(TaskError::pool(index, msg)));
+            }
+            return self.collector.take();
+        }
+        let index = self.next_index;
+        self.input.next()?;
+        self.next_index += 1;
+        Some((index, Err(TaskError::pool(index, msg))))
+    }
+
+    /// Gives every worker with room a batch: retries first, then new input.
     fn dispatch(&mut self) {
-        while !self.exhausted {
+        loop {
             let Some(slot) = (0..self.pool.workers.len())
                 .filter(|&i| self.pool.workers[i].in_flight.len() < IN_FLIGHT_PER_WORKER)
+                .filter(|&i| self.pool.workers[i].stopping.is_none())
                 .min_by_key(|&i| self.pool.workers[i].in_flight.len())
             else {
-                break;
+                return;
             };
-            let Some((first_index, count)) = self.build_batch() else {
-                break;
+            let batch = match self.retry.pop_front() {
+                Some(batch) => batch,
+                None if self.exhausted => return,
+                None => match self.build_batch() {
+                    Some(batch) => batch,
+                    None => return,
+                },
             };
             let worker = &mut self.pool.workers[slot];
-            worker.out.extend_from_slice(&self.batch);
-            worker.in_flight.push_back(InFlight { first_index, count });
-            if worker.flush().is_err() {
-                // The link is broken; the next poll reports the worker's death.
-            }
+            batch.write_frame(self.root_seed, &mut worker.out);
+            worker.in_flight.push_back(batch);
+            // A broken link shows up as the worker's death at the next poll.
+            let _ = worker.flush();
         }
     }
 
-    /// Encodes the next batch into `self.batch` as a whole frame; `None`
-    /// when the input has nothing more to send now.
-    fn build_batch(&mut self) -> Option<(u64, u32)> {
-        let max_count = self.sizer.count();
+    /// Encodes the next batch of new input; `None` when there is none now.
+    fn build_batch(&mut self) -> Option<Batch> {
+        let max_count = self.sizer.count() as usize;
         let max_bytes = self.sizer.max_bytes();
-        self.batch.clear();
-        let start = sys::begin_frame(&mut self.batch, to_worker::BATCH);
-        let first_index = self.next_index;
-        self.batch.extend_from_slice(&first_index.to_le_bytes());
-        self.batch.extend_from_slice(&self.root_seed.to_le_bytes());
-        self.batch.extend_from_slice(&0u32.to_le_bytes());
-        let items_start = self.batch.len();
-        let mut count: u32 = 0;
-        while count < max_count && self.batch.len() - items_start < max_bytes {
+        let mut batch = Batch {
+            first_index: self.next_index,
+            offsets: Vec::new(),
+            items: Vec::new(),
+        };
+        while batch.offsets.len() < max_count && batch.items.len() < max_bytes {
             let Some(item) = self.input.next() else {
                 self.exhausted = true;
                 break;
             };
-            let mark = self.batch.len();
-            if let Err(e) = postcard::to_io(&item, &mut self.batch) {
+            let mark = batch.items.len();
+            let index = self.next_index;
+            self.next_index += 1;
+            if let Err(e) = postcard::to_io(&item, &mut batch.items) {
                 // This argument cannot be sent: it fails alone, and the batch
                 // so far goes out without it.
-                self.batch.truncate(mark);
-                let index = first_index + u64::from(count);
-                self.next_index = index + 1;
-                self.collector.put(
-                    index,
-                    Err(TaskError::from_failure(
-                        index,
-                        TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
-                    )),
-                );
+                batch.items.truncate(mark);
+                let failure = TaskFailure::BadArgument(format!("cannot encode argument: {e}"));
+                self.collector
+                    .put(index, Err(TaskError::from_failure(index, failure)));
                 break;
             }
-            count += 1;
-            self.next_index = first_index + u64::from(count);
+            batch.offsets.push(mark as u32);
         }
-        if count == 0 {
-            return None;
-        }
-        let count_at = start + 5 + 16;
-        self.batch[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
-        sys::end_frame(&mut self.batch, start);
-        debug_assert_eq!(BATCH_HEADER, 20);
-        Some((first_index, count))
+        (!batch.offsets.is_empty()).then_some(batch)
     }
 
-    /// Waits until some worker has results (or died), and collects them.
+    /// Waits until some worker has results, died, or ran past a time limit.
     fn wait_and_collect(&mut self) {
-        // One busy worker and nothing to send: block in its read directly,
-        // which wakes sooner than poll does (a lone task's round trip).
+        let timeout = self.pool.spec.task_timeout;
+        // One busy worker, nothing to send and no clock to watch: block in
+        // its read directly, which wakes sooner than poll (a lone task).
         let mut busy = self
             .pool
             .workers
             .iter()
             .enumerate()
             .filter(|(_, w)| !w.in_flight.is_empty());
-        if let (Some((slot, _)), None) = (busy.next(), busy.next()) {
+        if let (Some((slot, _)), None, None) = (busy.next(), busy.next(), timeout) {
             if !self.pool.workers.iter().any(Worker::has_output) {
                 let worker = &mut self.pool.workers[slot];
                 let status = worker.reader.fill(worker.link.read.as_raw_fd());
@@ -540,6 +644,7 @@ where
                 return;
             }
         }
+        let wait_ms = self.enforce_timeouts();
         // One entry per worker's read end, then one per write end with output
         // waiting; `owners[i]` is the worker slot of `pollfds[i]`.
         let mut pollfds = Vec::with_capacity(self.pool.workers.len() * 2);
@@ -561,7 +666,7 @@ where
             }
         }
         // SAFETY: `pollfds` is a valid array of its length.
-        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, wait_ms) };
         if n <= 0 {
             return;
         }
@@ -591,6 +696,54 @@ where
         }
     }
 
+    /// Stops workers whose task ran past the time limit (SIGTERM, then
+    /// SIGKILL after a grace period); returns how long poll may wait (ms).
+    fn enforce_timeouts(&mut self) -> i32 {
+        let Some(limit) = self.pool.spec.task_timeout else {
+            return -1;
+        };
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        let mut wait = Duration::MAX;
+        for worker in &mut self.pool.workers {
+            if let Some(stopping) = &mut worker.stopping {
+                let left = TERM_GRACE.saturating_sub(now - stopping.since);
+                if left.is_zero() && !stopping.killed {
+                    worker.reaper.kill(worker.pid, libc::SIGKILL);
+                    stopping.killed = true;
+                } else if !stopping.killed {
+                    wait = wait.min(left);
+                }
+                continue;
+            }
+            let words = worker.status.words();
+            let Some(task) = words.current_task() else {
+                continue;
+            };
+            if worker.in_flight.is_empty() {
+                continue;
+            }
+            let started = words.started_ns.load(std::sync::atomic::Ordering::Relaxed);
+            let ran = Duration::from_nanos(now_ns.saturating_sub(started));
+            if ran >= limit {
+                worker.reaper.kill(worker.pid, libc::SIGTERM);
+                worker.stopping = Some(Stopping {
+                    task,
+                    since: now,
+                    killed: false,
+                });
+                wait = wait.min(TERM_GRACE);
+            } else {
+                wait = wait.min(limit - ran);
+            }
+        }
+        if wait == Duration::MAX {
+            -1
+        } else {
+            (wait.as_millis() as i32).saturating_add(1)
+        }
+    }
+
     /// Handles every complete frame a worker has sent.
     fn collect_frames(&mut self, slot: usize) -> Result<(), ()> {
         loop {
@@ -614,7 +767,7 @@ where
                     let matches_head = worker
                         .in_flight
                         .front()
-                        .is_some_and(|b| b.first_index == first_index && b.count == count);
+                        .is_some_and(|b| b.first_index == first_index && b.count() == count);
                     if !matches_head {
                         return Err(());
                     }
@@ -632,22 +785,99 @@ where
         }
     }
 
-    /// A worker's link closed or broke: fail what it held, replace it.
+    /// A worker's link closed or broke: blame the task it was running, run
+    /// the others it held again, and replace it.
     fn worker_died(&mut self, slot: usize) {
         let worker = &mut self.pool.workers[slot];
-        worker.reaper.kill(worker.pid, libc::SIGKILL);
-        let exit = worker.reaper.wait(worker.pid, EXIT_STATUS_TIMEOUT);
+        let running = worker.status.words().current_task();
+        let timed_out = worker.stopping.as_ref().map(|s| s.task);
+        let ended = worker.kill_and_reap();
         let (id, pid) = (worker.id, worker.pid);
-        for batch in std::mem::take(&mut worker.in_flight) {
-            for i in 0..u64::from(batch.count) {
-                let index = batch.first_index + i;
-                self.collector
-                    .put(index, Err(TaskError::worker_died(index, id, pid, exit)));
+        let held = std::mem::take(&mut worker.in_flight);
+        let limit = self.pool.spec.task_timeout.unwrap_or_default();
+        // The task to blame: the one we stopped for its time, else the one
+        // the status page says was running.
+        let culprit = timed_out.or(running);
+        let held_culprit = culprit.filter(|&c| {
+            held.iter()
+                .any(|b| (b.first_index..b.first_index + u64::from(b.count())).contains(&c))
+        });
+        for batch in held {
+            let n = batch.count() as usize;
+            let Some(c) = held_culprit
+                .filter(|&c| c >= batch.first_index && c < batch.first_index + n as u64)
+            else {
+                if held_culprit.is_none() {
+                    // Nobody to blame (it died between tasks): every task it
+                    // held counts a death, so a pool cannot loop forever.
+                    self.blame_all(batch, id, pid, &ended);
+                } else {
+                    self.retry.push_back(batch);
+                }
+                continue;
+            };
+            let at = (c - batch.first_index) as usize;
+            if at > 0 {
+                self.retry.push_back(batch.slice(0..at));
+            }
+            let deaths = self.deaths.entry(c).or_insert(0);
+            *deaths += 1;
+            if timed_out == Some(c) {
+                let err = TaskError::worker_died(c, id, pid, ended.clone(), Death::Timeout(limit));
+                self.collector.put(c, Err(err));
+            } else if *deaths >= self.pool.spec.max_tries {
+                let err = TaskError::worker_died(c, id, pid, ended.clone(), Death::Crash);
+                self.collector.put(c, Err(err));
+            } else {
+                // Once more, alone, so a second death names it for certain.
+                self.retry.push_front(batch.slice(at..at + 1));
+            }
+            if at + 1 < n {
+                self.retry.push_back(batch.slice(at + 1..n));
             }
         }
-        if let Err(e) = self.pool.replace(slot) {
-            log::error!(target: "procpool", "cannot replace worker {id} (pid {pid}): {e}");
-            self.pool.workers.remove(slot);
+        self.pool.replace(slot);
+    }
+
+    fn blame_all(&mut self, batch: Batch, id: u32, pid: u32, ended: &Option<launch::Ended>) {
+        let mut again = Vec::new();
+        for i in 0..batch.count() as usize {
+            let index = batch.first_index + i as u64;
+            let deaths = self.deaths.entry(index).or_insert(0);
+            *deaths += 1;
+            if *deaths >= self.pool.spec.max_tries {
+                self.collector.put(
+                    index,
+                    Err(TaskError::worker_died(
+                        index,
+                        id,
+                        pid,
+                        ended.clone(),
+                        Death::Crash,
+                    )),
+                );
+            } else {
+                again.push(i);
+            }
+        }
+        for i in again {
+            self.retry.push_back(batch.slice(i..i + 1));
+        }
+    }
+
+    /// Stops all work of this run: busy workers are killed and replaced, and
+    /// nothing more is sent.
+    fn cancel(&mut self) {
+        self.exhausted = true;
+        self.retry.clear();
+        for slot in (0..self.pool.workers.len()).rev() {
+            let worker = &mut self.pool.workers[slot];
+            if worker.in_flight.is_empty() {
+                continue;
+            }
+            worker.in_flight.clear();
+            worker.kill_and_reap();
+            self.pool.replace(slot);
         }
     }
 }
@@ -659,12 +889,9 @@ where
     R: DeserializeOwned,
 {
     fn drop(&mut self) {
-        // Results still on their way belong to this run; collect and discard
-        // them so the next run starts on clean links. At most two batches per
-        // worker are in flight, so this is bounded too.
-        while self.in_flight() {
-            self.wait_and_collect();
-        }
+        // Work still running belongs to this run and nobody wants it: stop
+        // it now rather than wait for it (its tasks may be slow).
+        self.cancel();
     }
 }
 

@@ -19,7 +19,8 @@ pub(crate) fn thread_count() -> Option<usize> {
 pub(super) fn fork(
     _label: &str,
     link: LinkEnds,
-    model: BorrowedFd<'_>,
+    status: BorrowedFd<'_>,
+    model: Option<BorrowedFd<'_>>,
 ) -> Result<(u32, Reaper), PoolError> {
     match thread_count() {
         Some(1) => {}
@@ -35,8 +36,12 @@ pub(super) fn fork(
             ));
         }
     }
-    let model = procpool_worker::sys::dup_owned(&model)
-        .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
+    let dup = |fd: &BorrowedFd<'_>| {
+        procpool_worker::sys::dup_owned(fd)
+            .map_err(|e| PoolError::io("duplicate a descriptor for a worker", e))
+    };
+    let status = dup(&status)?;
+    let model = model.as_ref().map(dup).transpose()?;
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the process has one thread (checked above, and the caller of
@@ -52,9 +57,8 @@ pub(super) fn fork(
     if pid == 0 {
         // Stderr is inherited as is: a reader thread would make this process
         // multi-threaded and refuse the next fork.
-        procpool_worker::zygote::become_worker(parent, link, Some(model), None);
+        procpool_worker::zygote::become_worker(parent, link, status, model, None);
     }
-    drop(link);
-    drop(model);
+    drop((link, status, model));
     Ok((pid as u32, Reaper::Forked))
 }

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use procpool_worker::protocol::{ExitInfo, ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use procpool_worker::protocol::{ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
 use procpool_worker::sys::{self, LinkEnds};
 
+use super::Ended;
 use crate::error::PoolError;
 
 /// How long a new fork server may take to say it is ready.
@@ -24,7 +25,7 @@ pub(crate) struct ForkServer {
     ctrl: OwnedFd,
     send_lock: Mutex<()>,
     pending: Mutex<HashMap<u64, mpsc::Sender<Result<u32, String>>>>,
-    exits: Mutex<HashMap<u32, ExitInfo>>,
+    exits: Mutex<HashMap<u32, Ended>>,
     exit_signal: Condvar,
     next_request: AtomicU64,
     alive: AtomicBool,
@@ -135,8 +136,18 @@ impl ForkServer {
                 ZygoteEvent::SpawnFailed { request_id, error } => {
                     self.answer(request_id, Err(error))
                 }
-                ZygoteEvent::Exited { pid, status } => {
-                    lock(&self.exits).insert(pid, status);
+                ZygoteEvent::Exited {
+                    pid,
+                    status,
+                    stderr_tail,
+                } => {
+                    lock(&self.exits).insert(
+                        pid,
+                        Ended {
+                            exit: status,
+                            stderr_tail,
+                        },
+                    );
                     self.exit_signal.notify_all();
                 }
                 ZygoteEvent::Ready { .. } => {}
@@ -167,7 +178,8 @@ impl ForkServer {
         &self,
         label: &str,
         link: LinkEnds,
-        model: BorrowedFd<'_>,
+        status: BorrowedFd<'_>,
+        model: Option<BorrowedFd<'_>>,
     ) -> Result<u32, PoolError> {
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
@@ -175,16 +187,15 @@ impl ForkServer {
         let request = ZygoteRequest::Spawn {
             request_id,
             label: label.to_string(),
-            has_model: true,
+            has_model: model.is_some(),
         };
-        if let Err(e) = self.send(
-            &request,
-            &[
-                link.read.as_raw_fd(),
-                link.write.as_raw_fd(),
-                model.as_raw_fd(),
-            ],
-        ) {
+        let mut fds = vec![
+            link.read.as_raw_fd(),
+            link.write.as_raw_fd(),
+            status.as_raw_fd(),
+        ];
+        fds.extend(model.map(|m| m.as_raw_fd()));
+        if let Err(e) = self.send(&request, &fds) {
             lock(&self.pending).remove(&request_id);
             return Err(PoolError::io("ask the fork server for a worker", e));
         }
@@ -211,7 +222,7 @@ impl ForkServer {
     }
 
     /// Waits up to `timeout` for the server to report how `pid` ended.
-    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<ExitInfo> {
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<Ended> {
         let deadline = Instant::now() + timeout;
         let mut exits = lock(&self.exits);
         loop {

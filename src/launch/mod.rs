@@ -58,7 +58,56 @@ impl StartMethod {
 pub(crate) struct Launched {
     pub pid: u32,
     pub link: LinkEnds,
+    pub status: StatusPage,
     pub reaper: Reaper,
+}
+
+/// How a worker ended, with the last lines it wrote to stderr when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ended {
+    pub exit: ExitInfo,
+    pub stderr_tail: String,
+}
+
+/// The parent's view of a worker's status page (see
+/// `procpool_worker::status`).
+pub(crate) struct StatusPage {
+    map: memmap2::MmapMut,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl StatusPage {
+    fn new() -> std::io::Result<StatusPage> {
+        use procpool_worker::status::STATUS_PAGE_BYTES;
+        // SAFETY: the name is a NUL-terminated literal; the flags are constants.
+        let raw = unsafe { libc::memfd_create(c"procpool-status".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let file = std::fs::File::from(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
+        });
+        file.set_len(STATUS_PAGE_BYTES as u64)?;
+        // SAFETY: a private memfd of ours, shared only with the one worker,
+        // which writes it through atomics only (`StatusWords`).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(STATUS_PAGE_BYTES)
+                .map_mut(&file)
+        }?;
+        Ok(StatusPage {
+            map,
+            fd: file.into(),
+        })
+    }
+
+    /// The shared words.
+    pub fn words(&self) -> &procpool_worker::status::StatusWords {
+        // SAFETY: the mapping is page-aligned, as long as the page, and
+        // outlives the borrow; both processes use it through atomics only.
+        unsafe { &*(self.map.as_ptr() as *const procpool_worker::status::StatusWords) }
+    }
 }
 
 /// Who can tell how a worker ended, and kill it.
@@ -102,14 +151,20 @@ impl Reaper {
     }
 
     /// Waits up to `timeout` for the worker to end and returns how it did.
-    pub fn wait(&mut self, pid: u32, timeout: Duration) -> Option<ExitInfo> {
+    pub fn wait(&mut self, pid: u32, timeout: Duration) -> Option<Ended> {
         let deadline = std::time::Instant::now() + timeout;
+        let ended = |exit| {
+            Some(Ended {
+                exit,
+                stderr_tail: String::new(),
+            })
+        };
         match self {
             Reaper::ForkServer(server) => server.wait_exit(pid, timeout),
             Reaper::Child(child) => loop {
                 if let Ok(Some(status)) = child.try_wait() {
                     use std::os::unix::process::ExitStatusExt;
-                    return Some(match status.signal() {
+                    return ended(match status.signal() {
                         Some(signal) => ExitInfo::Signal {
                             signal,
                             core_dumped: status.core_dumped(),
@@ -127,7 +182,7 @@ impl Reaper {
                 // SAFETY: non-blocking wait for our own child.
                 let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
                 if ret == pid as libc::pid_t {
-                    return Some(if libc::WIFSIGNALED(status) {
+                    return ended(if libc::WIFSIGNALED(status) {
                         ExitInfo::Signal {
                             signal: libc::WTERMSIG(status),
                             core_dumped: libc::WCOREDUMP(status),
@@ -149,24 +204,27 @@ impl Reaper {
 pub(crate) fn launch(
     method: StartMethod,
     label: &str,
-    model: BorrowedFd<'_>,
+    model: Option<BorrowedFd<'_>>,
 ) -> Result<Launched, PoolError> {
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
     let (ours, theirs) = sys::link_pair().map_err(|e| PoolError::io("create a worker link", e))?;
+    let status = StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?;
+    let status_fd = std::os::fd::AsFd::as_fd(&status.fd);
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;
-            let pid = server.spawn(label, theirs, model)?;
+            let pid = server.spawn(label, theirs, status_fd, model)?;
             (pid, Reaper::ForkServer(server))
         }
-        StartMethod::Spawn => spawn::spawn(label, theirs, model)?,
-        StartMethod::Fork(_) => fork::fork(label, theirs, model)?,
+        StartMethod::Spawn => spawn::spawn(label, theirs, status_fd, model)?,
+        StartMethod::Fork(_) => fork::fork(label, theirs, status_fd, model)?,
     };
     Ok(Launched {
         pid,
         link: ours,
+        status,
         reaper,
     })
 }

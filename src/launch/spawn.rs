@@ -14,32 +14,42 @@ use crate::error::PoolError;
 pub(super) fn spawn(
     label: &str,
     link: LinkEnds,
-    model: BorrowedFd<'_>,
+    status: BorrowedFd<'_>,
+    model: Option<BorrowedFd<'_>>,
 ) -> Result<(u32, Reaper), PoolError> {
     let fds = [
         link.read.as_raw_fd(),
         link.write.as_raw_fd(),
-        model.as_raw_fd(),
+        status.as_raw_fd(),
+        model.map_or(-1, |m| m.as_raw_fd()),
     ];
+    let role = if model.is_some() {
+        "worker:3:4:5:6"
+    } else {
+        "worker:3:4:5:-1"
+    };
     let mut command = Command::new("/proc/self/exe");
     command
-        .env(ROLE_ENV, "worker:3:4:5")
+        .env(ROLE_ENV, role)
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: the hook runs between fork and exec and calls only fcntl and
-    // dup2, which are async-signal-safe. It moves the three descriptors out
-    // of the way, then places them at 3, 4 and 5 (dup2 clears close-on-exec).
+    // dup2, which are async-signal-safe. It moves the descriptors out of the
+    // way, then places them at 3, 4, 5 and 6 (dup2 clears close-on-exec).
     unsafe {
         command.pre_exec(move || {
-            let mut high = [0; 3];
+            let mut high = [-1; 4];
             for (slot, fd) in high.iter_mut().zip(fds) {
+                if fd < 0 {
+                    continue;
+                }
                 *slot = libc::fcntl(fd, libc::F_DUPFD, 10);
                 if *slot < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
             for (target, fd) in (3..).zip(high) {
-                if libc::dup2(fd, target) < 0 {
+                if fd >= 0 && libc::dup2(fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -32,7 +32,8 @@ pub fn fingerprint() -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.write_i64(offset_of(fingerprint as fn() -> u64 as usize));
     h.write_i64(offset_of(
-        crate::task_loop::run as fn(crate::sys::LinkEnds, Option<std::os::fd::OwnedFd>) -> !
+        crate::task_loop::run
+            as fn(crate::sys::LinkEnds, std::os::fd::OwnedFd, Option<std::os::fd::OwnedFd>) -> !
             as usize,
     ));
     h.write(env!("CARGO_PKG_VERSION").as_bytes());

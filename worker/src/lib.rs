@@ -8,7 +8,8 @@
 //! - [`task_loop`]: a worker's main loop.
 //! - [`task`]: running a batch through the user's function under `catch_unwind`.
 //! - [`log_forward`]: forwarding `log` records to the parent.
-//! - [`protocol`], [`store_format`], [`fnref`]: what both sides must agree on.
+//! - [`protocol`], [`store_format`], [`fnref`], [`status`]: what both sides
+//!   must agree on.
 //!
 //! A process becomes a fork server or a worker before `main` runs: a
 //! constructor in this crate looks for the role the parent set in the
@@ -21,6 +22,7 @@ pub mod fnref;
 pub mod link;
 pub mod log_forward;
 pub mod protocol;
+pub mod status;
 pub mod store_format;
 pub mod sys;
 pub mod task;
@@ -58,8 +60,10 @@ fn procpool_entry() {
                 zygote::run(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
-        ["worker", read, write, model] => {
-            if let (Some(read), Some(write)) = (parse_fd(read), parse_fd(write)) {
+        ["worker", read, write, status, model] => {
+            if let (Some(read), Some(write), Some(status)) =
+                (parse_fd(read), parse_fd(write), parse_fd(status))
+            {
                 // SAFETY: the parent placed the link's ends (and the model
                 // store) at these descriptors for this process alone.
                 let link = unsafe {
@@ -69,9 +73,11 @@ fn procpool_entry() {
                     }
                 };
                 // SAFETY: as above.
+                let status = unsafe { OwnedFd::from_raw_fd(status) };
+                // SAFETY: as above.
                 let model = parse_fd(model).map(|m| unsafe { OwnedFd::from_raw_fd(m) });
                 sys::reset_signals_for_child();
-                task_loop::run(link, model);
+                task_loop::run(link, status, model);
             }
         }
         _ => {}

@@ -57,6 +57,9 @@ pub struct Setup {
     pub max_log_level: u8,
     /// Environment variables to set before any user code runs.
     pub env: Vec<(String, String)>,
+    /// Address-space limit in bytes (`RLIMIT_AS`), if any. It counts the
+    /// model mapping too.
+    pub memory_limit: Option<u64>,
 }
 
 /// One log record forwarded from a worker.
@@ -98,7 +101,8 @@ pub enum TaskFailure {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ZygoteRequest {
     /// Fork a worker. Attached descriptors: the worker's ends of its link
-    /// (read, then write), then the model store if `has_model`.
+    /// (read, then write), its status page, then the model store if
+    /// `has_model`.
     Spawn {
         /// Echoed in the reply.
         request_id: u64,
@@ -160,8 +164,13 @@ pub enum ZygoteEvent {
         pid: u32,
         /// How it ended.
         status: ExitInfo,
+        /// The last lines it wrote to stderr (at most [`STDERR_TAIL`] bytes).
+        stderr_tail: String,
     },
 }
+
+/// Bytes of a dead worker's stderr kept to explain its death.
+pub const STDERR_TAIL: usize = 2048;
 
 /// Largest datagram on the fork-server link.
 pub const ZYGOTE_DATAGRAM: usize = 64 * 1024;

@@ -109,6 +109,7 @@ fn call_one<T, A, R>(
     index: u64,
     root_seed: u64,
 ) -> Result<R, TaskFailure> {
+    crate::status::task_started(index);
     CURRENT.with(|c| {
         c.set(Some(TaskContext {
             index,

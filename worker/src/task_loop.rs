@@ -74,8 +74,9 @@ unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String
     Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
 }
 
-/// Runs the worker on `link` with the model store `model`. Never returns.
-pub fn run(link_ends: LinkEnds, model: Option<OwnedFd>) -> ! {
+/// Runs the worker on `link`, recording progress in the `status` page, with
+/// the model store `model`. Never returns.
+pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
     let fd = link_ends.read.as_raw_fd();
     let out_fd = link_ends.write.as_raw_fd();
     // Both ends live as long as the process.
@@ -117,6 +118,22 @@ pub fn run(link_ends: LinkEnds, model: Option<OwnedFd>) -> ! {
         _ => log::LevelFilter::Trace,
     };
     crate::log_forward::install(level);
+    if let Err(e) = crate::status::install(status) {
+        fatal(e);
+    }
+    if let Some(limit) = setup.memory_limit {
+        let rlim = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        // SAFETY: setrlimit reads one rlimit struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlim) } != 0 {
+            fatal(format!(
+                "cannot set the memory limit: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     let archive: &'static [u8] = match model {
         Some(m) => match map_model(m) {
             Ok(a) => a,
@@ -158,6 +175,7 @@ pub fn run(link_ends: LinkEnds, model: Option<OwnedFd>) -> ! {
                 // type, and the parent validated `archive`, which is
                 // immutable (see `map_model`).
                 unsafe { runner(user_fn, archive, batch, &mut out) };
+                crate::status::idle();
                 let elapsed = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
                 out[elapsed_at..elapsed_at + 8].copy_from_slice(&elapsed.to_le_bytes());
                 sys::end_frame(&mut out, start);

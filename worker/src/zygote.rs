@@ -10,13 +10,24 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::protocol::{ExitInfo, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use crate::protocol::{ExitInfo, STDERR_TAIL, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
 use crate::sys::{self, LinkEnds};
 
 struct Child {
     label: String,
     stderr: Option<OwnedFd>,
     partial: Vec<u8>,
+    /// The last bytes of stderr, to explain a death.
+    tail: Vec<u8>,
+}
+
+impl Child {
+    fn remember(&mut self, data: &[u8]) {
+        self.tail.extend_from_slice(data);
+        if self.tail.len() > STDERR_TAIL {
+            self.tail.drain(..self.tail.len() - STDERR_TAIL);
+        }
+    }
 }
 
 fn send_event(ctrl: RawFd, event: &ZygoteEvent) {
@@ -37,6 +48,7 @@ fn pump_stderr(child: &mut Child) -> bool {
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n > 0 {
             sys::write_prefixed(&child.label, &mut child.partial, &buf[..n as usize], false);
+            child.remember(&buf[..n as usize]);
             continue;
         }
         if n < 0 {
@@ -74,16 +86,19 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>) {
             return;
         }
         let pid = pid as u32;
+        let mut stderr_tail = String::new();
         if let Some(mut child) = children.remove(&pid) {
             // Forward what the child wrote before it died, before saying it died.
             pump_stderr(&mut child);
             sys::write_prefixed(&child.label, &mut child.partial, &[], true);
+            stderr_tail = String::from_utf8_lossy(&child.tail).into_owned();
         }
         send_event(
             ctrl,
             &ZygoteEvent::Exited {
                 pid,
                 status: decode_status(status),
+                stderr_tail,
             },
         );
     }
@@ -96,8 +111,8 @@ fn fork_worker(
     label: String,
 ) -> Result<(u32, Child), String> {
     let mut fds = fds.into_iter();
-    let (Some(read), Some(write)) = (fds.next(), fds.next()) else {
-        return Err("spawn request carried no link".into());
+    let (Some(read), Some(write), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
+        return Err("spawn request carried no link or status page".into());
     };
     let link = LinkEnds { read, write };
     let model = if has_model {
@@ -115,7 +130,7 @@ fn fork_worker(
         return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        become_worker(zygote_pid, link, model, Some(err_write));
+        become_worker(zygote_pid, link, status, model, Some(err_write));
     }
     Ok((
         pid as u32,
@@ -123,16 +138,19 @@ fn fork_worker(
             label,
             stderr: Some(err_read),
             partial: Vec::new(),
+            tail: Vec::new(),
         },
     ))
 }
 
 /// In a freshly forked child: arrange descriptors 2 (stderr, if given),
-/// 3 and 4 (the link's read and write ends) and 5 (the model), close
-/// everything else, and become a worker that dies with `parent_pid`.
+/// 3 and 4 (the link's read and write ends), 5 (the status page) and 6 (the
+/// model), close everything else, and become a worker that dies with
+/// `parent_pid`.
 pub fn become_worker(
     parent_pid: libc::pid_t,
     link: LinkEnds,
+    status: OwnedFd,
     model: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> ! {
@@ -148,30 +166,32 @@ pub fn become_worker(
         }
         n
     };
-    let (read, write) = (high(link.read), high(link.write));
+    let (read, write, status) = (high(link.read), high(link.write), high(status));
     let model = model.map(high);
     let err = stderr.map(high);
     let ok = err.is_none_or(|e| sys::dup_to(e, 2).is_ok())
         && sys::dup_to(read, 3).is_ok()
         && sys::dup_to(write, 4).is_ok()
-        && model.is_none_or(|m| sys::dup_to(m, 5).is_ok());
+        && sys::dup_to(status, 5).is_ok()
+        && model.is_none_or(|m| sys::dup_to(m, 6).is_ok());
     if !ok {
         // SAFETY: as above.
         unsafe { libc::_exit(3) };
     }
-    sys::close_from(if model.is_some() { 6 } else { 5 });
-    // SAFETY: 3 and 4 now hold the link and 5 the model store, owned by
-    // nobody else in this process.
-    let (link, model) = unsafe {
+    sys::close_from(if model.is_some() { 7 } else { 6 });
+    // SAFETY: 3 and 4 now hold the link, 5 the status page and 6 the model
+    // store, owned by nobody else in this process.
+    let (link, status, model) = unsafe {
         (
             LinkEnds {
                 read: OwnedFd::from_raw_fd(3),
                 write: OwnedFd::from_raw_fd(4),
             },
-            model.map(|_| OwnedFd::from_raw_fd(5)),
+            OwnedFd::from_raw_fd(5),
+            model.map(|_| OwnedFd::from_raw_fd(6)),
         )
     };
-    crate::task_loop::run(link, model)
+    crate::task_loop::run(link, status, model)
 }
 
 /// Runs the fork server on the link `ctrl`. Never returns.

@@ -1,0 +1,84 @@
+//! The status page: one shared page per worker where the worker records the
+//! task it is running and since when. The parent reads it when the worker
+//! dies (to fail only that task and re-run the rest of its batch) and while
+//! it waits (to enforce per-task timeouts). Two plain atomic stores per task
+//! cost nothing next to any message.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes in a status page.
+pub const STATUS_PAGE_BYTES: usize = 4096;
+
+/// The words of a status page.
+#[repr(C)]
+#[derive(Debug)]
+pub struct StatusWords {
+    /// Index + 1 of the task running now; 0 between tasks.
+    pub current: AtomicU64,
+    /// `CLOCK_MONOTONIC` nanoseconds when that task started.
+    pub started_ns: AtomicU64,
+}
+
+impl StatusWords {
+    /// The task running now, if any.
+    pub fn current_task(&self) -> Option<u64> {
+        self.current.load(Ordering::Acquire).checked_sub(1)
+    }
+}
+
+static PAGE: OnceLock<&'static StatusWords> = OnceLock::new();
+
+/// Nanoseconds on the system-wide monotonic clock, comparable across processes.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Maps the page the parent created and makes it this process's status page.
+pub fn install(fd: OwnedFd) -> Result<(), String> {
+    // SAFETY: a fresh shared read-write mapping of the parent's page-sized
+    // memfd; it is never unmapped, so the reference below lives forever.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STATUS_PAGE_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!(
+            "cannot map the status page: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the mapping is page-aligned, at least `size_of::<StatusWords>()`
+    // bytes, zero-filled (a valid pair of atomics), and lives forever.
+    let words = unsafe { &*(ptr as *const StatusWords) };
+    let _ = PAGE.set(words);
+    Ok(())
+}
+
+/// Records that task `index` starts now.
+pub fn task_started(index: u64) {
+    if let Some(page) = PAGE.get() {
+        page.started_ns.store(monotonic_ns(), Ordering::Relaxed);
+        page.current.store(index + 1, Ordering::Release);
+    }
+}
+
+/// Records that no task runs (the batch is done).
+pub fn idle() {
+    if let Some(page) = PAGE.get() {
+        page.current.store(0, Ordering::Release);
+    }
+}
