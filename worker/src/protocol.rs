@@ -170,7 +170,7 @@ pub enum ZygoteEvent {
 }
 
 /// Bytes of a dead worker's stderr kept to explain its death.
-pub const STDERR_TAIL: usize = 2048;
+pub const STDERR_TAIL: usize = 16 * 1024;
 
 /// Largest datagram on the fork-server link.
 pub const ZYGOTE_DATAGRAM: usize = 64 * 1024;
