@@ -320,7 +320,7 @@ where
                 pool,
                 &mut self.sizer,
                 input,
-                self.root_seed,
+                (self.root_seed, 0),
                 ordered,
                 self.fail_fast,
             )),

@@ -68,6 +68,7 @@ mod batching;
 mod config;
 mod error;
 mod invoker;
+mod isolated;
 mod launch;
 mod pool;
 mod seed;
@@ -76,6 +77,7 @@ mod store;
 pub use config::{NUM_PROCS_ENV, THREAD_ENV_VARS, available_cpus, proc_count};
 pub use error::{ConfigError, ExitInfo, PoolError, StoreError, TaskError};
 pub use invoker::{Invoker, InvokerBuilder, Map, MapUnordered, TaskFn, invoker};
+pub use isolated::{Isolated, run_sp};
 pub use launch::{ForkPermit, StartMethod};
 pub use seed::{SEED_ENV, seed};
 pub use store::{

@@ -476,17 +476,18 @@ where
     A: Serialize,
     R: DeserializeOwned,
 {
+    /// A run whose first task has index `first_index` (0 for a `map`).
     pub fn new(
         pool: &'p mut Pool,
         sizer: &'p mut BatchSizer,
         input: I,
-        root_seed: u64,
+        (root_seed, first_index): (u64, u64),
         ordered: bool,
         fail_fast: bool,
     ) -> Self {
         let collector = if ordered {
             Collector::Ordered {
-                base: 0,
+                base: first_index,
                 slots: VecDeque::new(),
             }
         } else {
@@ -499,7 +500,7 @@ where
             sizer,
             input,
             exhausted: false,
-            next_index: 0,
+            next_index: first_index,
             root_seed,
             collector,
             retry: VecDeque::new(),
@@ -716,13 +717,15 @@ where
                 }
                 continue;
             }
-            let words = worker.status.words();
-            let Some(task) = words.current_task() else {
-                continue;
-            };
             if worker.in_flight.is_empty() {
                 continue;
             }
+            let words = worker.status.words();
+            let Some(task) = words.current_task() else {
+                // Sent but not started yet: look again very soon.
+                wait = wait.min(Duration::from_millis(10));
+                continue;
+            };
             let started = words.started_ns.load(std::sync::atomic::Ordering::Relaxed);
             let ran = Duration::from_nanos(now_ns.saturating_sub(started));
             if ran >= limit {

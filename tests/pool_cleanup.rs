@@ -140,3 +140,84 @@ fn no_process_or_file_outlives_the_program() {
     assert_eq!(listing("/dev/shm".as_ref()), shm_before);
     assert_eq!(listing(&std::env::temp_dir()), tmp_before);
 }
+
+fn forever(_: &ArchivedSmall, _: u64) -> u64 {
+    std::thread::sleep(std::time::Duration::from_secs(600));
+    0
+}
+
+fn sleep_long(_: ()) {
+    std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+#[test]
+fn child_program_killed_mid_work() {
+    if std::env::var_os("KILLED_CHILD").is_none() {
+        return;
+    }
+    let store = procpool::persist(&small()).unwrap();
+    let mut inv = procpool::invoker(&store, forever, 2).unwrap();
+    for pid in inv.worker_pids() {
+        println!("worker-pid {pid}");
+    }
+    std::thread::spawn(move || inv.map(0..10u64).next());
+    std::thread::spawn(|| procpool::run_sp(sleep_long, ()));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    println!("ready");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+#[test]
+fn sigkill_of_the_parent_leaves_nothing_behind() {
+    use std::io::BufRead;
+    let shm_before = listing("/dev/shm".as_ref());
+    let tmp_before = listing(&std::env::temp_dir());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_program_killed_mid_work",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KILLED_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut workers = Vec::new();
+    let stdout = child.stdout.take().unwrap();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(pid) = line.split("worker-pid ").nth(1) {
+            workers.push(pid.trim().parse::<u32>().unwrap());
+        }
+        if line.contains("ready") {
+            break;
+        }
+    }
+    assert_eq!(workers.len(), 2);
+    // Its descendants now: the fork server, the pool's workers, the isolated call.
+    let before_kill = strays();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let left: Vec<u32> = workers
+            .iter()
+            .copied()
+            .filter(|p| alive(*p))
+            .chain(strays())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind after SIGKILL: {left:?} (before: {before_kill:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(listing("/dev/shm".as_ref()), shm_before);
+    assert_eq!(listing(&std::env::temp_dir()), tmp_before);
+}

@@ -64,6 +64,37 @@ pub unsafe fn run_batch<T, A, R>(
     let func: fn(&T, A) -> R = unsafe { std::mem::transmute::<usize, fn(&T, A) -> R>(user_fn) };
     // SAFETY: the caller promises the archive was validated as a `T` and is immutable.
     let model: &T = unsafe { rkyv::access_unchecked::<T>(archive) };
+    run_items(batch, out, |arg| func(model, arg));
+}
+
+/// Runs the tasks of `batch` through a model-less `fn(A) -> R` (an isolated
+/// call), like [`run_batch`].
+///
+/// # Safety
+///
+/// `user_fn` must be the address of a `fn(A) -> R` with exactly these type
+/// parameters.
+pub unsafe fn run_isolated<A, R>(
+    user_fn: usize,
+    _archive: &[u8],
+    batch: BatchView<'_>,
+    out: &mut Vec<u8>,
+) where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    // SAFETY: the caller promises `user_fn` is a `fn(A) -> R`.
+    let func: fn(A) -> R = unsafe { std::mem::transmute::<usize, fn(A) -> R>(user_fn) };
+    run_items(batch, out, func);
+}
+
+/// Decodes each argument, calls `call` on it under `catch_unwind`, and
+/// appends each outcome to `out`.
+fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, call: impl Fn(A) -> R)
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
     install_panic_hook();
     let mut rest = batch.items;
     let mut decode_error: Option<String> = None;
@@ -74,7 +105,7 @@ pub unsafe fn run_batch<T, A, R>(
             None => match postcard::take_from_bytes::<A>(rest) {
                 Ok((arg, tail)) => {
                     rest = tail;
-                    call_one(func, model, arg, index, batch.root_seed)
+                    call_one(&call, arg, index, batch.root_seed)
                 }
                 Err(e) => {
                     // The stream cannot be re-synchronised after a bad item.
@@ -102,9 +133,8 @@ fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<
     }
 }
 
-fn call_one<T, A, R>(
-    func: fn(&T, A) -> R,
-    model: &T,
+fn call_one<A, R>(
+    call: &impl Fn(A) -> R,
     arg: A,
     index: u64,
     root_seed: u64,
@@ -117,7 +147,7 @@ fn call_one<T, A, R>(
         }))
     });
     CAPTURE.with(|c| c.set(true));
-    let result = panic::catch_unwind(AssertUnwindSafe(|| func(model, arg)));
+    let result = panic::catch_unwind(AssertUnwindSafe(|| call(arg)));
     CAPTURE.with(|c| c.set(false));
     result.map_err(|payload| {
         let captured = LAST_PANIC.with(|p| p.borrow_mut().take());
