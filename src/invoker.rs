@@ -215,6 +215,7 @@ where
             let model = procpool_worker::sys::dup_owned(&self.store.fd())
                 .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
             let setup = Setup {
+                fingerprint: procpool_worker::fnref::fingerprint(),
                 worker_id: 0,
                 batch_runner: procpool_worker::fnref::offset_of(
                     task::run_batch::<M::Archived, A, R> as BatchRunner as usize,
@@ -231,6 +232,7 @@ where
                 setup,
                 task_timeout: self.task_timeout,
                 max_tries: self.max_tries,
+                replace_dead: true,
             })?)
         };
         Ok(Invoker {

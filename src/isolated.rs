@@ -136,6 +136,7 @@ where
             return Err(TaskError::pool(index, "timeout must be longer than zero"));
         }
         let setup = Setup {
+            fingerprint: procpool_worker::fnref::fingerprint(),
             worker_id: 0,
             batch_runner: procpool_worker::fnref::offset_of(
                 task::run_isolated::<A, R> as BatchRunner as usize,
@@ -152,6 +153,7 @@ where
             setup,
             task_timeout: self.timeout,
             max_tries: 1,
+            replace_dead: false,
         };
         let mut pool = Pool::start(spec)
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;

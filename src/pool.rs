@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{
-    Hello, LogRecord, RESULTS_HEADER, Setup, TaskFailure, from_worker, to_worker,
+    BUILD_MISMATCH, LogRecord, RESULTS_HEADER, Ready, Setup, TaskFailure, from_worker, to_worker,
 };
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
@@ -45,6 +45,8 @@ pub(crate) struct PoolSpec {
     pub task_timeout: Option<Duration>,
     /// Deaths a task may cause before it is reported instead of retried.
     pub max_tries: u32,
+    /// Whether a dead worker is replaced (a pool) or not (an isolated call).
+    pub replace_dead: bool,
 }
 
 /// Tasks with contiguous indices and their encoded arguments.
@@ -217,14 +219,17 @@ impl Pool {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let label = format!("[procpool worker {id}] ");
-        let launched = launch::launch(
-            self.spec.method,
-            &label,
-            self.spec.model.as_ref().map(|m| m.as_fd()),
-        )?;
+        let mut setup = self.spec.setup.clone();
+        setup.worker_id = id;
+        let body = postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
+        let mut frame = Vec::new();
+        sys::push_frame(&mut frame, to_worker::SETUP, &body);
+        let model = self.spec.model.as_ref().map(|m| m.as_fd());
+        let launched = launch::launch(self.spec.method, &label, &frame, model)?;
         Ok((id, launched))
     }
 
+    /// Waits for a new worker's READY (its setup went out with it).
     fn handshake(&self, id: u32, launched: launch::Launched) -> Result<Worker, PoolError> {
         let launch::Launched {
             pid,
@@ -234,41 +239,30 @@ impl Pool {
         } = launched;
         let fd = link.read.as_raw_fd();
         let mut reader = FrameReader::default();
-        let result = (|| {
-            let hello: Hello = match read_frame_timeout(&mut reader, fd, id)? {
-                (from_worker::HELLO, body) => postcard::from_bytes(&body)
-                    .map_err(|e| PoolError::protocol(format!("bad hello: {e}")))?,
-                (tag, _) => {
-                    return Err(PoolError::protocol(format!(
-                        "expected hello, got frame tag {tag}"
-                    )));
+        let result = match read_frame_timeout(&mut reader, fd, id) {
+            Ok((from_worker::READY, body)) => match postcard::from_bytes::<Ready>(&body) {
+                Ok(ready) if ready.fingerprint == procpool_worker::fnref::fingerprint() => {
+                    Ok(ready.pid)
                 }
-            };
-            if hello.fingerprint != procpool_worker::fnref::fingerprint() {
-                return Err(PoolError::build_mismatch());
-            }
-            let mut setup = self.spec.setup.clone();
-            setup.worker_id = id;
-            let body =
-                postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
-            let mut frame = Vec::new();
-            sys::push_frame(&mut frame, to_worker::SETUP, &body);
-            sys::write_all(link.write.as_raw_fd(), &frame)
-                .map_err(|e| PoolError::io("send setup to a worker", e))?;
-            match read_frame_timeout(&mut reader, fd, id)? {
-                (from_worker::READY, _) => Ok(()),
-                (from_worker::FATAL, body) => {
-                    let msg: String =
-                        postcard::from_bytes(&body).unwrap_or_else(|_| "unreadable error".into());
+                Ok(_) => Err(PoolError::build_mismatch()),
+                Err(e) => Err(PoolError::protocol(format!("bad ready: {e}"))),
+            },
+            Ok((from_worker::FATAL, body)) => {
+                let msg: String =
+                    postcard::from_bytes(&body).unwrap_or_else(|_| "unreadable error".into());
+                if msg == BUILD_MISMATCH {
+                    Err(PoolError::build_mismatch())
+                } else {
                     Err(PoolError::worker_fatal(msg))
                 }
-                (tag, _) => Err(PoolError::protocol(format!(
-                    "expected ready, got frame tag {tag}"
-                ))),
             }
-        })();
+            Ok((tag, _)) => Err(PoolError::protocol(format!(
+                "expected ready, got frame tag {tag}"
+            ))),
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(()) => {
+            Ok(ready_pid) => {
                 // Writes must never block (a worker may be writing to us);
                 // reads stay blocking and happen only when poll says so, or
                 // when one worker alone has work (see `wait_and_collect`).
@@ -276,7 +270,7 @@ impl Pool {
                     .map_err(|e| PoolError::io("configure a worker link", e))?;
                 Ok(Worker {
                     id,
-                    pid,
+                    pid: pid.unwrap_or(ready_pid),
                     link,
                     status,
                     reader,
@@ -288,13 +282,21 @@ impl Pool {
                 })
             }
             Err(e) => {
-                reaper.kill(pid, libc::SIGKILL);
-                let ended = reaper.wait(pid, EXIT_STATUS_TIMEOUT);
+                // A fork-server worker that never got ready never told us its
+                // pid; closing its link (on return) ends it.
+                let ended = pid.and_then(|pid| {
+                    reaper.kill(pid, libc::SIGKILL);
+                    reaper.wait(pid, EXIT_STATUS_TIMEOUT)
+                });
                 if e.is_io() || e.is_worker_fatal() || e.is_build_mismatch() {
                     return Err(e);
                 }
+                let who = pid.map_or_else(
+                    || format!("worker {id}"),
+                    |pid| format!("worker {id} (pid {pid})"),
+                );
                 Err(PoolError::protocol(format!(
-                    "worker {id} (pid {pid}) failed during start-up ({e}); it ended with {}",
+                    "{who} failed during start-up ({e}); it ended with {}",
                     crate::error::describe_exit(ended.map(|e| e.exit))
                 )))
             }
@@ -302,8 +304,13 @@ impl Pool {
     }
 
     /// Replaces the worker at `slot` (whose process has ended) by a new one;
-    /// if none can be started, the pool goes on with one worker fewer.
+    /// if none can be started, or the pool does not replace workers, it goes
+    /// on with one worker fewer.
     fn replace(&mut self, slot: usize) {
+        if !self.spec.replace_dead {
+            self.workers.remove(slot);
+            return;
+        }
         let (id, pid) = (self.workers[slot].id, self.workers[slot].pid);
         match self
             .launch_one()
@@ -334,7 +341,8 @@ impl Pool {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         for worker in &mut self.workers {
             // Drain until the worker closes its end: nothing it logged is lost.
-            loop {
+            let mut drained = false;
+            while !drained {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match sys::wait_readable(worker.link.read.as_raw_fd(), left.as_millis() as i32) {
                     Ok(true) => {}
@@ -342,7 +350,8 @@ impl Pool {
                 }
                 match worker.reader.fill(worker.link.read.as_raw_fd()) {
                     Ok(ReadStatus::Data) | Ok(ReadStatus::Empty) => {}
-                    _ => break,
+                    Ok(ReadStatus::Closed) => drained = true,
+                    Err(_) => break,
                 }
                 while let Ok(Some((tag, body))) = worker.reader.next_frame() {
                     if tag == from_worker::LOG {
@@ -352,11 +361,10 @@ impl Pool {
                     }
                 }
             }
-            if worker
-                .reaper
-                .wait(worker.pid, Duration::from_millis(200))
-                .is_none()
-            {
+            if drained {
+                // End of file: it exited, or is exiting, of its own accord.
+                worker.reaper.release(worker.pid);
+            } else {
                 worker.kill_and_reap();
             }
         }

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
@@ -17,14 +17,13 @@ use crate::error::PoolError;
 
 /// How long a new fork server may take to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a spawn request may take.
-const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running fork server.
 pub(crate) struct ForkServer {
     ctrl: OwnedFd,
     send_lock: Mutex<()>,
-    pending: Mutex<HashMap<u64, mpsc::Sender<Result<u32, String>>>>,
+    /// Workers whose exit nobody will wait for.
+    forgotten: Mutex<std::collections::HashSet<u32>>,
     exits: Mutex<HashMap<u32, Ended>>,
     exit_signal: Condvar,
     next_request: AtomicU64,
@@ -105,7 +104,7 @@ fn start() -> Result<Arc<ForkServer>, PoolError> {
     let server = Arc::new(ForkServer {
         ctrl: ours,
         send_lock: Mutex::new(()),
-        pending: Mutex::new(HashMap::new()),
+        forgotten: Mutex::new(std::collections::HashSet::new()),
         exits: Mutex::new(HashMap::new()),
         exit_signal: Condvar::new(),
         next_request: AtomicU64::new(1),
@@ -132,15 +131,20 @@ impl ForkServer {
                 },
             };
             match event {
-                ZygoteEvent::Spawned { request_id, pid } => self.answer(request_id, Ok(pid)),
+                // Callers learn the pid from the worker itself (its READY);
+                // a failed fork closes the worker's link, which they see.
+                ZygoteEvent::Spawned { .. } => {}
                 ZygoteEvent::SpawnFailed { request_id, error } => {
-                    self.answer(request_id, Err(error))
+                    log::error!(target: "procpool", "the fork server could not fork worker request {request_id}: {error}");
                 }
                 ZygoteEvent::Exited {
                     pid,
                     status,
                     stderr_tail,
                 } => {
+                    if lock(&self.forgotten).remove(&pid) {
+                        continue;
+                    }
                     lock(&self.exits).insert(
                         pid,
                         Ended {
@@ -154,17 +158,8 @@ impl ForkServer {
             }
         }
         self.alive.store(false, Ordering::Release);
-        for (_, waiter) in lock(&self.pending).drain() {
-            let _ = waiter.send(Err("the fork server ended".into()));
-        }
         self.exit_signal.notify_all();
         let _ = child.wait();
-    }
-
-    fn answer(&self, request_id: u64, answer: Result<u32, String>) {
-        if let Some(waiter) = lock(&self.pending).remove(&request_id) {
-            let _ = waiter.send(answer);
-        }
     }
 
     fn send(&self, request: &ZygoteRequest, fds: &[i32]) -> std::io::Result<()> {
@@ -173,17 +168,20 @@ impl ForkServer {
         sys::send_with_fds(self.ctrl.as_raw_fd(), &bytes, fds)
     }
 
-    /// Asks for a worker on `link` with the model store `model`; returns its pid.
+    /// Asks for a worker on `link` with the status page `status` and the
+    /// model store `model`. Returns once the request is sent: the worker
+    /// reports its pid when ready, and a failed fork closes its link.
     pub fn spawn(
         &self,
         label: &str,
         link: LinkEnds,
         status: BorrowedFd<'_>,
         model: Option<BorrowedFd<'_>>,
-    ) -> Result<u32, PoolError> {
+    ) -> Result<(), PoolError> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(PoolError::protocol("the fork server ended"));
+        }
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        lock(&self.pending).insert(request_id, tx);
         let request = ZygoteRequest::Spawn {
             request_id,
             label: label.to_string(),
@@ -195,24 +193,15 @@ impl ForkServer {
             status.as_raw_fd(),
         ];
         fds.extend(model.map(|m| m.as_raw_fd()));
-        if let Err(e) = self.send(&request, &fds) {
-            lock(&self.pending).remove(&request_id);
-            return Err(PoolError::io("ask the fork server for a worker", e));
-        }
-        drop(link);
-        if !self.alive.load(Ordering::Acquire) {
-            lock(&self.pending).remove(&request_id);
-            return Err(PoolError::protocol("the fork server ended"));
-        }
-        match rx.recv_timeout(SPAWN_TIMEOUT) {
-            Ok(Ok(pid)) => Ok(pid),
-            Ok(Err(e)) => Err(PoolError::protocol(format!(
-                "the fork server could not fork a worker: {e}"
-            ))),
-            Err(_) => {
-                lock(&self.pending).remove(&request_id);
-                Err(PoolError::protocol("the fork server did not answer"))
-            }
+        self.send(&request, &fds)
+            .map_err(|e| PoolError::io("ask the fork server for a worker", e))
+    }
+
+    /// Says nobody will wait for how `pid` ended, so its report is dropped.
+    pub fn forget(&self, pid: u32) {
+        let mut exits = lock(&self.exits);
+        if exits.remove(&pid).is_none() {
+            lock(&self.forgotten).insert(pid);
         }
     }
 

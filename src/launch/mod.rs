@@ -56,7 +56,9 @@ impl StartMethod {
 
 /// A started worker, before the handshake.
 pub(crate) struct Launched {
-    pub pid: u32,
+    /// Known at once for workers we start ourselves; a fork-server worker
+    /// reports its own in its READY.
+    pub pid: Option<u32>,
     pub link: LinkEnds,
     pub status: StatusPage,
     pub reaper: Reaper,
@@ -121,6 +123,18 @@ pub(crate) enum Reaper {
 }
 
 impl Reaper {
+    /// Lets go of a worker whose end nobody needs to hear about (it is
+    /// exiting on its own): the fork server drops its report; a child of
+    /// ours is still reaped, so none is left a zombie.
+    pub fn release(&mut self, pid: u32) {
+        match self {
+            Reaper::ForkServer(server) => server.forget(pid),
+            _ => {
+                self.wait(pid, Duration::from_secs(1));
+            }
+        }
+    }
+
     /// Sends `signal` to the worker if it has not been reaped yet.
     pub fn kill(&mut self, pid: u32, signal: i32) {
         match self {
@@ -204,22 +218,32 @@ impl Reaper {
 pub(crate) fn launch(
     method: StartMethod,
     label: &str,
+    setup_frame: &[u8],
     model: Option<BorrowedFd<'_>>,
 ) -> Result<Launched, PoolError> {
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
     let (ours, theirs) = sys::link_pair().map_err(|e| PoolError::io("create a worker link", e))?;
+    // The setup waits in the pipe, so the worker finds it the moment it starts.
+    sys::write_all(std::os::fd::AsRawFd::as_raw_fd(&ours.write), setup_frame)
+        .map_err(|e| PoolError::io("write a worker's setup", e))?;
     let status = StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?;
     let status_fd = std::os::fd::AsFd::as_fd(&status.fd);
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;
-            let pid = server.spawn(label, theirs, status_fd, model)?;
-            (pid, Reaper::ForkServer(server))
+            server.spawn(label, theirs, status_fd, model)?;
+            (None, Reaper::ForkServer(server))
         }
-        StartMethod::Spawn => spawn::spawn(label, theirs, status_fd, model)?,
-        StartMethod::Fork(_) => fork::fork(label, theirs, status_fd, model)?,
+        StartMethod::Spawn => {
+            let (pid, reaper) = spawn::spawn(label, theirs, status_fd, model)?;
+            (Some(pid), reaper)
+        }
+        StartMethod::Fork(_) => {
+            let (pid, reaper) = fork::fork(label, theirs, status_fd, model)?;
+            (Some(pid), reaper)
+        }
     };
     Ok(Launched {
         pid,

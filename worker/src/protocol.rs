@@ -16,8 +16,6 @@ pub mod to_worker {
 
 /// Frame tags on a worker link (worker → parent).
 pub mod from_worker {
-    /// Body: postcard [`Hello`](super::Hello).
-    pub const HELLO: u8 = 10;
     /// Body: postcard [`LogRecord`](super::LogRecord).
     pub const LOG: u8 = 11;
     /// Body: `u64` first task index, `u32` count, `u64` nanoseconds the
@@ -26,7 +24,8 @@ pub mod from_worker {
     pub const RESULTS: u8 = 12;
     /// Body: postcard `String`; the worker could not start and exits.
     pub const FATAL: u8 = 13;
-    /// No body: the setup succeeded and the worker waits for batches.
+    /// Body: postcard [`Ready`](super::Ready): the setup succeeded and the
+    /// worker waits for batches.
     pub const READY: u8 = 14;
 }
 
@@ -35,18 +34,22 @@ pub const BATCH_HEADER: usize = 8 + 8 + 4;
 /// Byte length of the fixed part of a results body.
 pub const RESULTS_HEADER: usize = 8 + 4 + 8;
 
-/// The first message of every worker.
+/// A worker's answer to its setup: it is ready for batches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Hello {
+pub struct Ready {
     /// The worker's process id.
     pub pid: u32,
     /// The build fingerprint of the worker's executable image.
     pub fingerprint: u64,
 }
 
-/// Everything a worker needs to run tasks, sent once after [`Hello`].
+/// Everything a worker needs to run tasks: the first frame on its link,
+/// written by the parent before the worker starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Setup {
+    /// The parent's build fingerprint; a worker of another build refuses to
+    /// use the offsets below.
+    pub fingerprint: u64,
     /// The worker's number in its pool, for logs.
     pub worker_id: u32,
     /// Offset of the monomorphised batch runner (see [`crate::fnref`]).
@@ -174,6 +177,9 @@ pub const STDERR_TAIL: usize = 16 * 1024;
 
 /// Largest datagram on the fork-server link.
 pub const ZYGOTE_DATAGRAM: usize = 64 * 1024;
+
+/// The FATAL message of a worker whose build differs from its parent's.
+pub const BUILD_MISMATCH: &str = "the worker runs a different build than its parent";
 
 /// Environment variable that tells a re-executed binary which role to take.
 pub const ROLE_ENV: &str = "__PROCPOOL_ROLE";

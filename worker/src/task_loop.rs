@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::fnref;
 use crate::link;
-use crate::protocol::{BATCH_HEADER, Hello, Setup, from_worker, to_worker};
+use crate::protocol::{BATCH_HEADER, Ready, Setup, from_worker, to_worker};
 use crate::store_format::{HEADER_LEN, Header};
 use crate::sys::{self, FrameReader, LinkEnds};
 use crate::task::{BatchRunner, BatchView};
@@ -82,18 +82,7 @@ pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
     // Both ends live as long as the process.
     std::mem::forget(link_ends);
     link::set(out_fd);
-    let hello = Hello {
-        pid: std::process::id(),
-        fingerprint: fnref::fingerprint(),
-    };
-    match postcard::to_allocvec(&hello) {
-        Ok(body) => {
-            if link::send_frame(from_worker::HELLO, &body).is_err() {
-                std::process::exit(0);
-            }
-        }
-        Err(e) => fatal(format!("cannot encode hello: {e}")),
-    }
+    // The parent wrote the setup into the pipe before this process existed.
     let mut reader = FrameReader::default();
     let setup: Setup = match reader.read_frame(fd) {
         Ok(Some((to_worker::SETUP, body))) => match postcard::from_bytes(&body) {
@@ -104,6 +93,11 @@ pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
         Ok(Some((tag, _))) => fatal(format!("expected setup, got frame tag {tag}")),
         Err(e) => fatal(format!("cannot read setup: {e}")),
     };
+    let fingerprint = fnref::fingerprint();
+    if setup.fingerprint != fingerprint {
+        // Offsets from another build would point anywhere: use none of them.
+        fatal(crate::protocol::BUILD_MISMATCH.to_string());
+    }
     for (key, value) in &setup.env {
         // SAFETY: no user code has run in this process yet and the worker
         // started no threads, so nothing reads the environment concurrently.
@@ -146,8 +140,17 @@ pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
     let runner =
         unsafe { std::mem::transmute::<usize, BatchRunner>(fnref::address_of(setup.batch_runner)) };
     let user_fn = fnref::address_of(setup.user_fn);
-    if link::send_frame(from_worker::READY, &[]).is_err() {
-        std::process::exit(0);
+    let ready = Ready {
+        pid: std::process::id(),
+        fingerprint,
+    };
+    match postcard::to_allocvec(&ready) {
+        Ok(body) => {
+            if link::send_frame(from_worker::READY, &body).is_err() {
+                std::process::exit(0);
+            }
+        }
+        Err(e) => fatal(format!("cannot encode ready: {e}")),
     }
     let mut out = Vec::new();
     loop {
