@@ -112,7 +112,10 @@ fn parse_counts(value: &str) -> Result<Vec<usize>, ConfigError> {
 pub fn available_cpus() -> usize {
     let affinity = affinity_cpus()
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match cgroup_quota_cpus() {
+    // A quota rarely changes while a program runs; reading it means several
+    // files under /sys, so once per process is enough.
+    static QUOTA: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    match *QUOTA.get_or_init(cgroup_quota_cpus) {
         Some(quota) => affinity.min(quota).max(1),
         None => affinity.max(1),
     }

@@ -169,7 +169,11 @@ where
             );
             run.next_result()
         };
-        pool.shutdown();
+        match &outcome {
+            // The child has said all it will: let it go without waiting.
+            Some((_, Ok(_))) => pool.release(),
+            _ => pool.shutdown(),
+        }
         match outcome {
             Some((_, result)) => result,
             None => Err(TaskError::pool(index, "the call produced no result")),

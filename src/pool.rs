@@ -329,6 +329,16 @@ impl Pool {
         self.workers.iter().map(|w| w.pid).collect()
     }
 
+    /// Lets every worker go without waiting: closing its link ends it (it
+    /// exits at end of file). For a worker that has nothing more to say,
+    /// such as an isolated call's once its result is in.
+    pub fn release(&mut self) {
+        for worker in self.workers.drain(..) {
+            let pid = worker.pid;
+            worker.reaper.release_later(pid);
+        }
+    }
+
     /// Stops every worker: asks each to exit, forwards the logs they still
     /// send, waits for them, and kills any that does not exit in time.
     pub fn shutdown(&mut self) {

@@ -135,6 +135,19 @@ impl Reaper {
         }
     }
 
+    /// Like [`release`](Self::release), for a worker whose link is about to
+    /// close: a child of ours is reaped on a thread, off the caller's path.
+    pub fn release_later(self, pid: u32) {
+        match self {
+            Reaper::ForkServer(server) => server.forget(pid),
+            mut other => {
+                let _ = std::thread::Builder::new()
+                    .name("procpool-reaper".into())
+                    .spawn(move || other.wait(pid, Duration::from_secs(60)));
+            }
+        }
+    }
+
     /// Sends `signal` to the worker if it has not been reaped yet.
     pub fn kill(&mut self, pid: u32, signal: i32) {
         match self {

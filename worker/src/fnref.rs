@@ -28,9 +28,15 @@ pub fn address_of(offset: i64) -> usize {
 
 /// A fingerprint of the running executable: where two known functions sit
 /// relative to the anchor, plus the identity of the executable file.
+/// Computed once per process (a forked worker inherits its fork server's).
 pub fn fingerprint() -> u64 {
+    static FINGERPRINT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *FINGERPRINT.get_or_init(compute_fingerprint)
+}
+
+fn compute_fingerprint() -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.write_i64(offset_of(fingerprint as fn() -> u64 as usize));
+    h.write_i64(offset_of(compute_fingerprint as fn() -> u64 as usize));
     h.write_i64(offset_of(
         crate::task_loop::run
             as fn(crate::sys::LinkEnds, std::os::fd::OwnedFd, Option<std::os::fd::OwnedFd>) -> !
