@@ -224,6 +224,7 @@ where
                 max_log_level: log::max_level() as usize as u8,
                 env: crate::config::worker_env(n_jobs),
                 memory_limit: self.memory_limit,
+                timed: self.task_timeout.is_some(),
             };
             Backend::Pool(Pool::start(PoolSpec {
                 method: self.start_method,

@@ -145,6 +145,7 @@ where
             max_log_level: log::max_level() as usize as u8,
             env: crate::config::worker_env(1),
             memory_limit: self.memory_limit,
+            timed: self.timeout.is_some(),
         };
         let spec = PoolSpec {
             method: self.start_method,

@@ -63,6 +63,9 @@ pub struct Setup {
     /// Address-space limit in bytes (`RLIMIT_AS`), if any. It counts the
     /// model mapping too.
     pub memory_limit: Option<u64>,
+    /// Whether the parent enforces task timeouts (then the worker records
+    /// each task's start time in its status page).
+    pub timed: bool,
 }
 
 /// One log record forwarded from a worker.

@@ -30,6 +30,10 @@ impl StatusWords {
 
 static PAGE: OnceLock<&'static StatusWords> = OnceLock::new();
 
+/// Whether start times are recorded: only a parent that enforces timeouts
+/// reads them, and a clock read costs more than a trivial task.
+static RECORD_TIMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Nanoseconds on the system-wide monotonic clock, comparable across processes.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -41,8 +45,10 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Maps the page the parent created and makes it this process's status page.
-pub fn install(fd: OwnedFd) -> Result<(), String> {
+/// Maps the page the parent created and makes it this process's status
+/// page; `record_times` when the parent enforces task timeouts.
+pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
+    RECORD_TIMES.store(record_times, Ordering::Relaxed);
     // SAFETY: a fresh shared read-write mapping of the parent's page-sized
     // memfd; it is never unmapped, so the reference below lives forever.
     let ptr = unsafe {
@@ -71,7 +77,9 @@ pub fn install(fd: OwnedFd) -> Result<(), String> {
 /// Records that task `index` starts now.
 pub fn task_started(index: u64) {
     if let Some(page) = PAGE.get() {
-        page.started_ns.store(monotonic_ns(), Ordering::Relaxed);
+        if RECORD_TIMES.load(Ordering::Relaxed) {
+            page.started_ns.store(monotonic_ns(), Ordering::Relaxed);
+        }
         page.current.store(index + 1, Ordering::Release);
     }
 }

@@ -112,7 +112,7 @@ pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
         _ => log::LevelFilter::Trace,
     };
     crate::log_forward::install(level);
-    if let Err(e) = crate::status::install(status) {
+    if let Err(e) = crate::status::install(status, setup.timed) {
         fatal(e);
     }
     if let Some(limit) = setup.memory_limit {
