@@ -266,3 +266,72 @@ fn dropping_a_map_of_slow_tasks_stops_them_promptly() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_worker_that_dies_before_it_is_ready_is_an_error_not_a_hang() {
+    no_core_dumps();
+    let store = procpool::persist(&small()).unwrap();
+    let started = Instant::now();
+    // 1 MiB of address space: the worker cannot even allocate its answer.
+    let err = procpool::InvokerBuilder::new(&store, add_offset)
+        .n_jobs(2)
+        .memory_limit(1 << 20)
+        .build()
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string().contains("start-up") || err.is_worker_fatal(),
+        "{err}"
+    );
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_panic_in_the_parent_mid_map_stops_the_work_promptly() {
+    let store = procpool::persist(&small()).unwrap();
+    let started = Instant::now();
+    let mut pids = Vec::new();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut inv = procpool::InvokerBuilder::new(&store, slow_after_first)
+            .n_jobs(2)
+            .chunk_size(1)
+            .build()
+            .unwrap();
+        pids = inv.worker_pids();
+        for (i, r) in inv.map_unordered(0..100u64) {
+            r.unwrap();
+            if i == 0 {
+                panic!("the parent gives up");
+            }
+        }
+    }));
+    assert!(outcome.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived the panic: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
