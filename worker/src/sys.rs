@@ -261,43 +261,21 @@ impl FrameReader {
 
 /// Sends one datagram with descriptors attached (`SCM_RIGHTS`).
 pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    assert!(
-        fds.len() <= MAX_FDS,
-        "at most {MAX_FDS} descriptors per datagram"
-    );
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut _,
-        iov_len: data.len(),
-    };
-    // Room for MAX_FDS descriptors, aligned for cmsghdr.
-    let mut cmsg_buf = [0u64; 8];
-    // SAFETY: msghdr is plain data; zeroed is a valid "no fields set" value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let payload = std::mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: msg_control points at `cmsg_buf`, which is larger than
-        // `space`, so the first header and its data fit inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        }
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_FDS} descriptors per datagram"),
+        ));
     }
+    let iov = [io::IoSlice::new(data)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
     loop {
-        // SAFETY: `msg` points at live buffers set up above.
-        let ret = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        match cvt_size(ret) {
+        match sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -305,51 +283,37 @@ pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// Receives one datagram and the descriptors attached to it (close-on-exec).
 /// An empty datagram with no descriptors means the peer closed.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cmsg_buf = [0u64; 8];
-    // SAFETY: msghdr is plain data; zeroed is a valid "no fields set" value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
-    let n = loop {
-        // SAFETY: `msg` points at live, writable buffers of the stated sizes.
-        let ret = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        match cvt_size(ret) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled `msg_control` with well-formed headers; the
-    // CMSG_* macros walk them within `msg_controllen`. Each SCM_RIGHTS
-    // descriptor is new in this process and owned by nobody else.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let count =
-                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (bytes, truncated, raw_fds) = loop {
+        match recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut raw = Vec::new();
+                for cmsg in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                        raw.extend(fds);
+                    }
                 }
+                break (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC), raw);
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    };
+    // SAFETY: each SCM_RIGHTS descriptor was just installed in this process
+    // by the kernel and is owned by nobody else.
+    let fds: Vec<OwnedFd> = raw_fds
+        .into_iter()
+        .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
+        .collect();
+    if truncated {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "descriptors were truncated",
         ));
     }
-    Ok((n, fds))
+    Ok((bytes, fds))
 }
 
 /// Waits until `fd` is readable or `timeout_ms` passes (`-1`: forever).
