@@ -131,9 +131,8 @@ impl ForkServer {
                 },
             };
             match event {
-                // Callers learn the pid from the worker itself (its READY);
-                // a failed fork closes the worker's link, which they see.
-                ZygoteEvent::Spawned { .. } => {}
+                // A failed fork also closes the worker's link, which its
+                // caller sees; this says why.
                 ZygoteEvent::SpawnFailed { request_id, error } => {
                     log::error!(target: "procpool", "the fork server could not fork worker request {request_id}: {error}");
                 }

@@ -150,13 +150,6 @@ pub enum ZygoteEvent {
         /// Its process id.
         pid: u32,
     },
-    /// A worker was forked.
-    Spawned {
-        /// From the request.
-        request_id: u64,
-        /// The worker's process id.
-        pid: u32,
-    },
     /// A worker could not be forked.
     SpawnFailed {
         /// From the request.

@@ -276,9 +276,9 @@ pub fn run(ctrl: OwnedFd) -> ! {
                         label,
                         has_model,
                     }) => match fork_worker(zygote_pid, fds, has_model, label) {
+                        // The worker tells its parent its pid itself.
                         Ok((pid, child)) => {
                             children.insert(pid, child);
-                            send_event(ctrl_fd, &ZygoteEvent::Spawned { request_id, pid });
                         }
                         Err(error) => {
                             send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error })
