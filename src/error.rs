@@ -21,7 +21,9 @@ use procpool_worker::store_format::FormatError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
     index: u64,
-    kind: TaskErrorKind,
+    // Boxed: results of trivial tasks travel as `Result<R, TaskError>` by the
+    // million, and a small error keeps them small.
+    kind: Box<TaskErrorKind>,
 }
 
 /// Why a worker died while running a task.
@@ -64,7 +66,10 @@ impl TaskError {
             F::BadArgument(m) => TaskErrorKind::BadArgument(m),
             F::BadResult(m) => TaskErrorKind::BadResult(m),
         };
-        TaskError { index, kind }
+        TaskError {
+            index,
+            kind: Box::new(kind),
+        }
     }
 
     pub(crate) fn worker_died(
@@ -91,27 +96,27 @@ impl TaskError {
         };
         TaskError {
             index,
-            kind: TaskErrorKind::WorkerDied {
+            kind: Box::new(TaskErrorKind::WorkerDied {
                 worker_id,
                 pid,
                 exit,
                 stderr_tail,
                 cause,
-            },
+            }),
         }
     }
 
     pub(crate) fn pool(index: u64, message: impl Into<String>) -> TaskError {
         TaskError {
             index,
-            kind: TaskErrorKind::Pool(message.into()),
+            kind: Box::new(TaskErrorKind::Pool(message.into())),
         }
     }
 
     pub(crate) fn bad_result(index: u64, message: impl Into<String>) -> TaskError {
         TaskError {
             index,
-            kind: TaskErrorKind::BadResult(message.into()),
+            kind: Box::new(TaskErrorKind::BadResult(message.into())),
         }
     }
 
@@ -122,12 +127,12 @@ impl TaskError {
 
     /// True if the function panicked (and the worker lived on).
     pub fn is_panic(&self) -> bool {
-        matches!(self.kind, TaskErrorKind::Panicked { .. })
+        matches!(*self.kind, TaskErrorKind::Panicked { .. })
     }
 
     /// The panic message, if the function panicked.
     pub fn panic_message(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             TaskErrorKind::Panicked { message, .. } => Some(message),
             _ => None,
         }
@@ -135,7 +140,7 @@ impl TaskError {
 
     /// `file:line:column` of the panic, if the function panicked there.
     pub fn panic_location(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             TaskErrorKind::Panicked { location, .. } => location.as_deref(),
             _ => None,
         }
@@ -146,7 +151,7 @@ impl TaskError {
     /// of memory. A timeout is not a crash: see [`is_timeout`](Self::is_timeout).
     pub fn is_crash(&self) -> bool {
         matches!(
-            self.kind,
+            *self.kind,
             TaskErrorKind::WorkerDied {
                 cause: Death::Crash | Death::OutOfMemory,
                 ..
@@ -157,7 +162,7 @@ impl TaskError {
     /// True if the task ran past its time limit and its worker was stopped.
     pub fn is_timeout(&self) -> bool {
         matches!(
-            self.kind,
+            *self.kind,
             TaskErrorKind::WorkerDied {
                 cause: Death::Timeout(_),
                 ..
@@ -168,7 +173,7 @@ impl TaskError {
     /// True if an allocation failed under the worker's memory limit.
     pub fn is_out_of_memory(&self) -> bool {
         matches!(
-            self.kind,
+            *self.kind,
             TaskErrorKind::WorkerDied {
                 cause: Death::OutOfMemory,
                 ..
@@ -178,7 +183,7 @@ impl TaskError {
 
     /// The last lines the dead worker wrote to stderr, when known.
     pub fn stderr_tail(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             TaskErrorKind::WorkerDied { stderr_tail, .. } if !stderr_tail.is_empty() => {
                 Some(stderr_tail)
             }
@@ -188,7 +193,7 @@ impl TaskError {
 
     /// The signal that killed the worker, if one did.
     pub fn signal(&self) -> Option<i32> {
-        match self.kind {
+        match *self.kind {
             TaskErrorKind::WorkerDied {
                 exit: Some(ExitInfo::Signal { signal, .. }),
                 ..
@@ -199,7 +204,7 @@ impl TaskError {
 
     /// The exit code of the worker, if it exited while running the task.
     pub fn exit_code(&self) -> Option<i32> {
-        match self.kind {
+        match *self.kind {
             TaskErrorKind::WorkerDied {
                 exit: Some(ExitInfo::Code(code)),
                 ..
@@ -210,7 +215,7 @@ impl TaskError {
 
     /// The process id of the worker that died, for a crash.
     pub fn worker_pid(&self) -> Option<u32> {
-        match self.kind {
+        match *self.kind {
             TaskErrorKind::WorkerDied { pid, .. } => Some(pid),
             _ => None,
         }
@@ -218,7 +223,7 @@ impl TaskError {
 
     /// The pool's number for the worker that died, for a crash.
     pub fn worker_id(&self) -> Option<u32> {
-        match self.kind {
+        match *self.kind {
             TaskErrorKind::WorkerDied { worker_id, .. } => Some(worker_id),
             _ => None,
         }
@@ -228,7 +233,7 @@ impl TaskError {
     /// boundary (a serde error).
     pub fn is_serialization(&self) -> bool {
         matches!(
-            self.kind,
+            *self.kind,
             TaskErrorKind::BadArgument(_) | TaskErrorKind::BadResult(_)
         )
     }
@@ -275,7 +280,7 @@ pub(crate) fn signal_name(signal: i32) -> &'static str {
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = self.index;
-        match &self.kind {
+        match &*self.kind {
             TaskErrorKind::Panicked {
                 message,
                 location: Some(loc),
