@@ -1,0 +1,71 @@
+//! Top-N ranking metrics with binary relevance, and a popularity baseline.
+
+/// Metrics of one ranked list against the relevant items (sorted).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scores {
+    pub ndcg: f64,
+    pub recall: f64,
+    pub precision: f64,
+    pub reciprocal_rank: f64,
+}
+
+/// Scores the first `k` items of `ranked` against `relevant` (sorted ids).
+pub fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
+    if relevant.is_empty() || k == 0 {
+        return Scores::default();
+    }
+    let top = &ranked[..ranked.len().min(k)];
+    let mut dcg = 0.0;
+    let mut hits = 0usize;
+    let mut first_hit = None;
+    for (rank, item) in top.iter().enumerate() {
+        if relevant.binary_search(item).is_ok() {
+            dcg += 1.0 / (rank as f64 + 2.0).log2();
+            hits += 1;
+            first_hit.get_or_insert(rank);
+        }
+    }
+    let ideal: f64 = (0..relevant.len().min(k))
+        .map(|rank| 1.0 / (rank as f64 + 2.0).log2())
+        .sum();
+    Scores {
+        ndcg: dcg / ideal,
+        recall: hits as f64 / relevant.len() as f64,
+        precision: hits as f64 / k as f64,
+        reciprocal_rank: first_hit.map_or(0.0, |r| 1.0 / (r as f64 + 1.0)),
+    }
+}
+
+/// The mean of per-user scores.
+pub fn mean(scores: &[Scores]) -> Scores {
+    let n = scores.len().max(1) as f64;
+    let mut m = Scores::default();
+    for s in scores {
+        m.ndcg += s.ndcg / n;
+        m.recall += s.recall / n;
+        m.precision += s.precision / n;
+        m.reciprocal_rank += s.reciprocal_rank / n;
+    }
+    m
+}
+
+/// Items by how many training ratings they have, most first (ties: lower id).
+pub fn popularity_order(n_items: usize, train: &[(u32, u32, f32)]) -> Vec<u32> {
+    let mut counts = vec![0u32; n_items];
+    for &(_, item, _) in train {
+        counts[item as usize] += 1;
+    }
+    let mut order: Vec<u32> = (0..n_items as u32).collect();
+    order.sort_by(|a, b| counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b)));
+    order
+}
+
+/// The `n` most popular items the user has not seen (`seen` sorted).
+pub fn popular_unseen(order: &[u32], seen: &[u32], n: usize) -> Vec<u32> {
+    order
+        .iter()
+        .copied()
+        .filter(|i| seen.binary_search(i).is_err())
+        .take(n)
+        .collect()
+}
