@@ -45,6 +45,29 @@ struct Args {
     /// Length of each recommendation list.
     #[arg(long, default_value_t = 10)]
     top_n: usize,
+    /// Also write the split to DIR/train.csv and DIR/test.csv (user,item[,rating]),
+    /// so other tools can be evaluated on the same data.
+    #[arg(long)]
+    export: Option<PathBuf>,
+}
+
+fn export(dir: &std::path::Path, split: &data::Split) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let mut train = std::io::BufWriter::new(std::fs::File::create(dir.join("train.csv"))?);
+    writeln!(train, "user,item,rating")?;
+    for &(u, i, r) in &split.train.triples {
+        writeln!(train, "{u},{i},{r}")?;
+    }
+    train.flush()?;
+    let mut test = std::io::BufWriter::new(std::fs::File::create(dir.join("test.csv"))?);
+    writeln!(test, "user,item")?;
+    for (u, items) in split.test.iter().enumerate() {
+        for i in items {
+            writeln!(test, "{u},{i}")?;
+        }
+    }
+    test.flush()
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -107,6 +130,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let split = data::holdout(&ratings, 0.2, args.seed);
+    if let Some(dir) = &args.export {
+        export(dir, &split)
+            .map_err(|e| format!("cannot export the split to {}: {e}", dir.display()))?;
+    }
     let test_users: Vec<u32> = (0..ratings.n_users as u32)
         .filter(|&u| !split.test[u as usize].is_empty())
         .collect();

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# procpool and its peers on the same workloads, side by side. Writes
+# benches/results/raw.jsonl, results.md and chart.png.
+#
+# Needs cargo, python3 with venv, and the Python package index (the peers'
+# virtual environment holds LensKit 2025.8.1 and PyTorch: about 6 GB, once).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=benches/results
+raw="$out/raw.jsonl"
+venv="${PROCPOOL_PEERS_VENV:-$HOME/.cache/procpool-peers-venv}"
+mkdir -p "$out"
+: > "$raw"
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+# LensKit 2025.8 is the last line with a process-pool invoker.
+"$venv/bin/pip" install -q "lenskit==2025.8.1" joblib matplotlib
+
+echo "== procpool" >&2
+cargo build -q --release --benches --examples
+for bench in throughput run_sp model_share; do
+    cargo bench -q --bench "$bench" | tail -n 1 >> "$raw"
+done
+
+echo "== procspawn" >&2
+(cd benches/compare/procspawn && cargo build -q --release)
+benches/compare/procspawn/target/release/compare-procspawn 20000 >> "$raw"
+
+echo "== Python peers" >&2
+for workload in throughput round_trip isolated model_share; do
+    if ! "$venv/bin/python" benches/compare/peers.py "$workload" >> "$raw"; then
+        echo "{\"tool\":\"Python peers\",\"workload\":\"$workload\",\"error\":\"the run failed\"}" >> "$raw"
+    fi
+done
+
+echo "== recommender evaluation on one data export" >&2
+export_dir=$(mktemp -d)
+trap 'rm -rf "$export_dir"' EXIT
+cargo run -q --release --example recsys_eval -- --jobs 2 --export "$export_dir" | tail -n 1 >> "$raw"
+(cd benches/compare && "$venv/bin/python" peers.py recsys "$export_dir" 2) >> "$raw"
+
+"$venv/bin/python" benches/compare/report.py "$raw" "$out"
+echo "wrote $out/results.md and $out/chart.png" >&2
