@@ -83,6 +83,7 @@ def main():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
     panels = [("throughput", "tasks_per_s", "tasks/s (higher is better)"), ("round_trip", "median_us", "lone task µs (lower is better)"),
@@ -92,6 +93,7 @@ def main():
         group = [r for r in rows if r.get("workload") == key and isinstance(r.get(field), (int, float))]
         ax.barh([r["tool"] for r in group], [r[field] for r in group], color=["#c0392b" if r["tool"].startswith("procpool") else "#7f8c8d" for r in group])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"procpool against its peers — {machine()}", fontsize=9)
