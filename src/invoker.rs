@@ -6,13 +6,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::{Setup, TaskFailure};
+use procpool_worker::protocol::TaskFailure;
 use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
-use crate::pool::{Pool, PoolSpec, Run};
+use crate::pool::{Policy, Pool, PoolSpec, Run};
 use crate::seed;
 use crate::store::{ArchivedModel, ModelStore};
 
@@ -214,27 +214,20 @@ where
         } else {
             let model = procpool_worker::sys::dup_owned(&self.store.fd())
                 .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
-            let setup = Setup {
-                fingerprint: procpool_worker::fnref::fingerprint(),
-                worker_id: 0,
-                batch_runner: procpool_worker::fnref::offset_of(
-                    task::run_batch::<M::Archived, A, R> as BatchRunner as usize,
-                ),
-                user_fn: procpool_worker::fnref::offset_of(self.func as usize),
-                max_log_level: log::max_level() as usize as u8,
-                env: crate::config::worker_env(n_jobs),
-                memory_limit: self.memory_limit,
-                timed: self.task_timeout.is_some(),
-            };
-            Backend::Pool(Pool::start(PoolSpec {
-                method: self.start_method,
-                n_jobs,
-                model: Some(model),
-                setup,
+            let runner = task::run_batch::<M::Archived, A, R> as BatchRunner;
+            let policy = Policy {
                 task_timeout: self.task_timeout,
+                memory_limit: self.memory_limit,
                 max_tries: self.max_tries,
                 replace_dead: true,
-            })?)
+            };
+            Backend::Pool(Pool::start(PoolSpec::new(
+                self.start_method,
+                n_jobs,
+                Some(model),
+                (runner, self.func as usize),
+                policy,
+            ))?)
         };
         Ok(Invoker {
             store: self.store,

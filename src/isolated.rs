@@ -4,7 +4,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use procpool_worker::protocol::Setup;
 use procpool_worker::task::{self, BatchRunner};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{Pool, PoolSpec, Run};
+use crate::pool::{Policy, Pool, PoolSpec, Run};
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
@@ -135,27 +134,20 @@ where
         if self.timeout == Some(Duration::ZERO) {
             return Err(TaskError::pool(index, "timeout must be longer than zero"));
         }
-        let setup = Setup {
-            fingerprint: procpool_worker::fnref::fingerprint(),
-            worker_id: 0,
-            batch_runner: procpool_worker::fnref::offset_of(
-                task::run_isolated::<A, R> as BatchRunner as usize,
-            ),
-            user_fn: procpool_worker::fnref::offset_of(self.func as usize),
-            max_log_level: log::max_level() as usize as u8,
-            env: crate::config::worker_env(1),
-            memory_limit: self.memory_limit,
-            timed: self.timeout.is_some(),
-        };
-        let spec = PoolSpec {
-            method: self.start_method,
-            n_jobs: 1,
-            model: None,
-            setup,
+        let runner = task::run_isolated::<A, R> as BatchRunner;
+        let policy = Policy {
             task_timeout: self.timeout,
+            memory_limit: self.memory_limit,
             max_tries: 1,
             replace_dead: false,
         };
+        let spec = PoolSpec::new(
+            self.start_method,
+            1,
+            None,
+            (runner, self.func as usize),
+            policy,
+        );
         let mut pool = Pool::start(spec)
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));

@@ -16,6 +16,7 @@ use procpool_worker::protocol::{
 };
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
+use procpool_worker::task::BatchRunner;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -34,6 +35,51 @@ const EXIT_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a timed-out worker has between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_millis(500);
+
+/// How a pool treats its tasks and workers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    /// Longest a task may run before its worker is stopped.
+    pub task_timeout: Option<Duration>,
+    /// Address-space limit of each worker.
+    pub memory_limit: Option<u64>,
+    /// Deaths a task may cause before it is reported instead of retried.
+    pub max_tries: u32,
+    /// Whether a dead worker is replaced (a pool) or not (an isolated call).
+    pub replace_dead: bool,
+}
+
+impl PoolSpec {
+    /// A pool of `n_jobs` workers that run `runner` over the user's
+    /// function at `user_fn`, both in this executable.
+    pub fn new(
+        method: StartMethod,
+        n_jobs: usize,
+        model: Option<OwnedFd>,
+        (runner, user_fn): (BatchRunner, usize),
+        policy: Policy,
+    ) -> PoolSpec {
+        let setup = Setup {
+            fingerprint: procpool_worker::fnref::fingerprint(),
+            worker_id: 0,
+            batch_runner: procpool_worker::fnref::offset_of(runner as usize),
+            user_fn: procpool_worker::fnref::offset_of(user_fn),
+            max_log_level: log::max_level() as usize as u8,
+            env: crate::config::worker_env(n_jobs),
+            memory_limit: policy.memory_limit,
+            timed: policy.task_timeout.is_some(),
+        };
+        PoolSpec {
+            method,
+            n_jobs,
+            model,
+            setup,
+            task_timeout: policy.task_timeout,
+            max_tries: policy.max_tries,
+            replace_dead: policy.replace_dead,
+        }
+    }
+}
 
 /// What every worker of a pool is set up with, and the pool's policies.
 pub(crate) struct PoolSpec {

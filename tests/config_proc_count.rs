@@ -24,6 +24,7 @@ fn proc_count_forms_and_worker_environment() {
     assert!(procpool::proc_count(0, None, 0).is_err());
     assert!(procpool::proc_count(1, Some(0), 0).is_err());
 
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::set_var("PROCPOOL_NUM_PROCS", "8") };
     assert_eq!(
         procpool::proc_count(2, Some(4), 0).unwrap(),
@@ -32,12 +33,14 @@ fn proc_count_forms_and_worker_environment() {
     );
     assert_eq!(procpool::proc_count(2, None, 1).unwrap(), 1);
 
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::set_var("PROCPOOL_NUM_PROCS", "8,2") };
     assert_eq!(procpool::proc_count(2, None, 0).unwrap(), 8);
     assert_eq!(procpool::proc_count(2, None, 1).unwrap(), 2);
     assert_eq!(procpool::proc_count(2, None, 2).unwrap(), 1);
 
     for bad in ["0", "abc", "-2", "", "3,x"] {
+        // SAFETY: this test alone changes the environment, on this thread.
         unsafe { std::env::set_var("PROCPOOL_NUM_PROCS", bad) };
         let err = procpool::proc_count(2, None, 0).unwrap_err();
         assert_eq!(err.source_name(), "PROCPOOL_NUM_PROCS");
@@ -50,6 +53,7 @@ fn proc_count_forms_and_worker_environment() {
     }
 
     // Workers run one level down, with thread counts set for native libraries.
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe {
         std::env::set_var("PROCPOOL_NUM_PROCS", "2,3");
         std::env::remove_var("OMP_NUM_THREADS");
@@ -73,10 +77,12 @@ fn proc_count_forms_and_worker_environment() {
     drop(inv);
 
     // A malformed variable stops an invoker that relies on it.
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::set_var("PROCPOOL_NUM_PROCS", "abc") };
     let err = procpool::InvokerBuilder::new(&store, worker_env)
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("PROCPOOL_NUM_PROCS"), "{err}");
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::remove_var("PROCPOOL_NUM_PROCS") };
 }

@@ -95,6 +95,34 @@ fn listing(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// Within 2 s, none of `workers` and no stray process of this binary is
+/// alive, and /dev/shm and the temp dir list what they did before.
+fn assert_nothing_left(
+    workers: &[u32],
+    (shm_before, tmp_before): (&[String], &[String]),
+    context: &str,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let left: Vec<u32> = workers
+            .iter()
+            .copied()
+            .filter(|p| alive(*p))
+            .chain(strays())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left behind {context}: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(listing("/dev/shm".as_ref()), shm_before, "{context}");
+    assert_eq!(listing(&std::env::temp_dir()), tmp_before, "{context}");
+}
+
 #[test]
 fn no_process_or_file_outlives_the_program() {
     let shm_before = listing("/dev/shm".as_ref());
@@ -120,25 +148,7 @@ fn no_process_or_file_outlives_the_program() {
         .filter_map(|l| l.split("worker-pid ").nth(1)?.trim().parse().ok())
         .collect();
     assert_eq!(workers.len(), 2, "{stdout}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let left: Vec<u32> = workers
-            .iter()
-            .copied()
-            .filter(|p| alive(*p))
-            .chain(strays())
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "processes left behind: {left:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(listing("/dev/shm".as_ref()), shm_before);
-    assert_eq!(listing(&std::env::temp_dir()), tmp_before);
+    assert_nothing_left(&workers, (&shm_before, &tmp_before), "after a normal exit");
 }
 
 fn forever(_: &ArchivedSmall, _: u64) -> u64 {
@@ -201,23 +211,6 @@ fn sigkill_of_the_parent_leaves_nothing_behind() {
     let before_kill = strays();
     child.kill().unwrap();
     child.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let left: Vec<u32> = workers
-            .iter()
-            .copied()
-            .filter(|p| alive(*p))
-            .chain(strays())
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "left behind after SIGKILL: {left:?} (before: {before_kill:?})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(listing("/dev/shm".as_ref()), shm_before);
-    assert_eq!(listing(&std::env::temp_dir()), tmp_before);
+    let context = format!("after SIGKILL (its descendants before: {before_kill:?})");
+    assert_nothing_left(&workers, (&shm_before, &tmp_before), &context);
 }

@@ -50,11 +50,13 @@ fn the_root_seed_comes_from_procpool_seed() {
         .build()
         .unwrap();
     assert_eq!(inv.root_seed(), 7);
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::set_var("PROCPOOL_SEED", "seven") };
     let err = procpool::InvokerBuilder::new(&store, randomised)
         .n_jobs(1)
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("PROCPOOL_SEED"), "{err}");
+    // SAFETY: this test alone changes the environment, on this thread.
     unsafe { std::env::remove_var("PROCPOOL_SEED") };
 }
