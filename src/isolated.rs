@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{Policy, Pool, PoolSpec, Run};
+use crate::pool::{Batch, Policy, Pool, PoolSpec, Run};
+use procpool_worker::protocol::TaskFailure;
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
@@ -148,14 +149,22 @@ where
             (runner, self.func as usize),
             policy,
         );
-        let mut pool = Pool::start(spec)
+        let item = postcard::to_allocvec(&arg).map_err(|e| {
+            TaskError::from_failure(
+                index,
+                TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+            )
+        })?;
+        let batch = Batch::single(index, item);
+        let mut pool = Pool::start_with_batch(spec, batch, root_seed)
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));
         let outcome = {
+            // The task is already on its way: the run only collects it.
             let mut run = Run::new(
                 &mut pool,
                 &mut sizer,
-                std::iter::once(arg),
+                std::iter::empty::<A>(),
                 (root_seed, index),
                 true,
                 false,

@@ -96,7 +96,7 @@ pub(crate) struct PoolSpec {
 }
 
 /// Tasks with contiguous indices and their encoded arguments.
-struct Batch {
+pub(crate) struct Batch {
     first_index: u64,
     /// Where each task's argument starts in `items`.
     offsets: Vec<u32>,
@@ -104,6 +104,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// One task: `index` with its encoded argument.
+    pub fn single(index: u64, item: Vec<u8>) -> Batch {
+        Batch {
+            first_index: index,
+            offsets: vec![0],
+            items: item,
+        }
+    }
+
     fn count(&self) -> u32 {
         self.offsets.len() as u32
     }
@@ -242,6 +251,29 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 impl Pool {
+    /// Starts one worker with `batch` already waiting in its pipe behind
+    /// its setup, so the task runs without a round trip more (an isolated
+    /// call, whose only task is known before the process exists).
+    pub fn start_with_batch(
+        spec: PoolSpec,
+        batch: Batch,
+        root_seed: u64,
+    ) -> Result<Pool, PoolError> {
+        debug_assert_eq!(spec.n_jobs, 1);
+        let mut pool = Pool {
+            spec,
+            workers: Vec::new(),
+            next_worker_id: 0,
+        };
+        let mut frame = Vec::new();
+        batch.write_frame(root_seed, &mut frame);
+        let (id, launched) = pool.launch_one(&frame)?;
+        let mut worker = pool.handshake(id, launched)?;
+        worker.in_flight.push_back(batch);
+        pool.workers.push(worker);
+        Ok(pool)
+    }
+
     /// Starts `spec.n_jobs` workers and completes their handshakes.
     pub fn start(spec: PoolSpec) -> Result<Pool, PoolError> {
         let mut pool = Pool {
@@ -252,7 +284,7 @@ impl Pool {
         // Launch all first so they start up side by side, then shake hands.
         let mut launched = Vec::new();
         for _ in 0..pool.spec.n_jobs {
-            launched.push(pool.launch_one()?);
+            launched.push(pool.launch_one(&[])?);
         }
         for (id, worker) in launched {
             let worker = pool.handshake(id, worker)?;
@@ -261,7 +293,8 @@ impl Pool {
         Ok(pool)
     }
 
-    fn launch_one(&mut self) -> Result<(u32, launch::Launched), PoolError> {
+    /// Launches a worker whose pipe holds its setup, then `preload`.
+    fn launch_one(&mut self, preload: &[u8]) -> Result<(u32, launch::Launched), PoolError> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let label = format!("[procpool worker {id}] ");
@@ -270,6 +303,7 @@ impl Pool {
         let body = postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
         let mut frame = Vec::new();
         sys::push_frame(&mut frame, to_worker::SETUP, &body);
+        frame.extend_from_slice(preload);
         let model = self.spec.model.as_ref().map(|m| m.as_fd());
         let launched = launch::launch(self.spec.method, &label, &frame, model)?;
         Ok((id, launched))
@@ -359,7 +393,7 @@ impl Pool {
         }
         let (id, pid) = (self.workers[slot].id, self.workers[slot].pid);
         match self
-            .launch_one()
+            .launch_one(&[])
             .and_then(|(id, launched)| self.handshake(id, launched))
         {
             Ok(worker) => self.workers[slot] = worker,
@@ -689,6 +723,14 @@ where
 
     /// Waits until some worker has results, died, or ran past a time limit.
     fn wait_and_collect(&mut self) {
+        // Frames may already wait in a reader's buffer (they can arrive with
+        // a READY); handle them before blocking on new ones.
+        if let Some(slot) = self.pool.workers.iter().position(|w| w.reader.has_frame()) {
+            if self.collect_frames(slot).is_err() {
+                self.worker_died(slot);
+            }
+            return;
+        }
         let timeout = self.pool.spec.task_timeout;
         // One busy worker, nothing to send and no clock to watch: block in
         // its read directly, which wakes sooner than poll (a lone task).

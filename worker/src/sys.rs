@@ -225,6 +225,12 @@ impl FrameReader {
         (len + 4).saturating_sub(avail.len())
     }
 
+    /// Whether the buffer already holds a complete frame.
+    pub fn has_frame(&self) -> bool {
+        let avail = self.buf.len() - self.start;
+        avail >= 5 && self.needed() == 0
+    }
+
     /// The next complete frame as `(tag, body)`, if the buffer holds one.
     pub fn next_frame(&mut self) -> io::Result<Option<(u8, &[u8])>> {
         let avail = &self.buf[self.start..];
