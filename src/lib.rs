@@ -102,8 +102,3 @@ pub fn init() {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
-
-fn sys_dup(fd: &std::os::fd::OwnedFd) -> Result<std::os::fd::OwnedFd, StoreError> {
-    procpool_worker::sys::dup_owned(fd)
-        .map_err(|e| StoreError::io("duplicate the model descriptor", e))
-}

@@ -290,7 +290,7 @@ where
     fn from_trusted_fd(fd: OwnedFd) -> Result<ModelStore<M>, StoreError> {
         // SAFETY: the descriptor is a sealed memfd: the kernel refuses every
         // write and resize, so the mapping cannot change.
-        let map = unsafe { MmapOptions::new().map(&File::from(crate::sys_dup(&fd)?)) }
+        let map = unsafe { MmapOptions::new().map(&File::from(dup(&fd)?)) }
             .map_err(|e| StoreError::io("map the model store", e))?;
         Ok(ModelStore {
             inner: Arc::new(StoreInner { fd, map }),
@@ -332,6 +332,11 @@ impl<M: rkyv::Archive> ModelStore<M> {
             .map_err(|e| StoreError::io(what(), e))?;
         file.sync_all().map_err(|e| StoreError::io(what(), e))
     }
+}
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, StoreError> {
+    procpool_worker::sys::dup_owned(fd)
+        .map_err(|e| StoreError::io("duplicate the model descriptor", e))
 }
 
 /// Every check a store's bytes must pass before anyone reads the archive.

@@ -188,3 +188,32 @@ fn a_dead_worker_gives_errors_not_a_hang() {
     let again: Vec<u64> = inv.map(10..15u64).collect::<Result<_, _>>().unwrap();
     assert_eq!(again, vec![10, 11, 12, 13, 14]);
 }
+
+/// A result that refuses to be serialised.
+#[derive(Debug, serde::Deserialize)]
+struct Unsendable;
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value stays here"))
+    }
+}
+
+fn unsendable(_: &ArchivedSmall, _: u64) -> Unsendable {
+    Unsendable
+}
+
+#[test]
+fn a_result_that_cannot_be_encoded_is_a_serialization_error() {
+    let store = procpool::persist(&small()).unwrap();
+    for n_jobs in [1, 2] {
+        let mut inv = procpool::invoker(&store, unsendable, n_jobs).unwrap();
+        let results: Vec<_> = inv.map(0..3u64).collect();
+        for r in results {
+            let err = r.unwrap_err();
+            assert!(err.is_serialization() && !err.is_panic(), "{err}");
+            // postcard reports custom serde errors without their text.
+            assert!(err.to_string().contains("cannot encode result"), "{err}");
+        }
+    }
+}

@@ -204,3 +204,14 @@ fn the_shared_memory_is_sealed() {
     assert!(found);
     drop(store);
 }
+
+#[test]
+fn a_saved_store_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saved.pstore");
+    let store = procpool::persist(&small()).unwrap();
+    store.save(&path).unwrap();
+    let loaded = ModelStore::<Small>::load(&path).unwrap();
+    assert_eq!(loaded.archived().offset, 7);
+    assert_eq!(loaded.archive_len(), store.archive_len());
+}
