@@ -68,6 +68,7 @@ impl PoolSpec {
             env: crate::config::worker_env(n_jobs),
             memory_limit: policy.memory_limit,
             timed: policy.task_timeout.is_some(),
+            one_batch: false,
         };
         PoolSpec {
             method,
@@ -260,6 +261,10 @@ impl Pool {
         root_seed: u64,
     ) -> Result<Pool, PoolError> {
         debug_assert_eq!(spec.n_jobs, 1);
+        let mut spec = spec;
+        // Nothing follows the batch: the worker may exit as soon as it has
+        // answered, rather than wake once more to see its link close.
+        spec.setup.one_batch = true;
         let mut pool = Pool {
             spec,
             workers: Vec::new(),

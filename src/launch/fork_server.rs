@@ -57,9 +57,17 @@ fn start() -> Result<Arc<ForkServer>, PoolError> {
         .map_err(|e| PoolError::io("create the fork server's socket", e))?;
     let their_fd = theirs.as_raw_fd();
     let mut command = Command::new("/proc/self/exe");
-    command
-        .env(ROLE_ENV, format!("zygote:{their_fd}"))
-        .stdin(Stdio::null());
+    command.stdin(Stdio::null());
+    if std::env::var_os("LD_BIND_NOW").is_none() {
+        // Bind every symbol once in the server rather than lazily in each
+        // worker; the server takes the variable out of its environment.
+        command.env("LD_BIND_NOW", "1").env(
+            ROLE_ENV,
+            format!("zygote:{their_fd}:{}", procpool_worker::BIND_NOW_ROLE),
+        );
+    } else {
+        command.env(ROLE_ENV, format!("zygote:{their_fd}"));
+    }
     // SAFETY: the hook runs in the child between fork and exec and calls only
     // fcntl, which is async-signal-safe; it lets the server's end of the
     // socket survive exec (it is close-on-exec everywhere else).

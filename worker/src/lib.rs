@@ -40,6 +40,10 @@ pub fn role_pending() -> bool {
     std::env::var_os(ROLE_ENV).is_some()
 }
 
+/// The role suffix by which the parent says it set `LD_BIND_NOW` for the
+/// fork server (and the user had not).
+pub const BIND_NOW_ROLE: &str = "bind-now";
+
 fn parse_fd(s: &str) -> Option<RawFd> {
     s.parse::<RawFd>().ok().filter(|fd| *fd > 2)
 }
@@ -54,7 +58,16 @@ fn procpool_entry() {
     let role = role.to_string_lossy().into_owned();
     let parts: Vec<&str> = role.split(':').collect();
     match parts.as_slice() {
-        ["zygote", fd] => {
+        ["zygote", fd, rest @ ..] => {
+            if rest == [BIND_NOW_ROLE] {
+                // The parent asked the dynamic loader to bind every symbol at
+                // start, so that workers forked from here inherit a bound
+                // process and need not resolve symbols themselves (a lookup
+                // plus copy-on-write faults per symbol, in every worker).
+                // Workers and their own children must not see the request.
+                // SAFETY: as above, one thread.
+                unsafe { std::env::remove_var("LD_BIND_NOW") };
+            }
             if let Some(fd) = parse_fd(fd) {
                 // SAFETY: the parent placed the link at this descriptor for us alone.
                 zygote::run(unsafe { OwnedFd::from_raw_fd(fd) });

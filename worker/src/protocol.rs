@@ -66,6 +66,9 @@ pub struct Setup {
     /// Whether the parent enforces task timeouts (then the worker records
     /// each task's start time in its status page).
     pub timed: bool,
+    /// Whether the worker exits after its first batch (an isolated call)
+    /// instead of waiting for the parent to close its link.
+    pub one_batch: bool,
 }
 
 /// One log record forwarded from a worker.

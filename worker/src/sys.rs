@@ -392,20 +392,22 @@ pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
 
 /// Closes every descriptor from `first` upwards.
 pub fn close_from(first: RawFd) {
+    close_range(first as u32..=u32::MAX);
+}
+
+/// Closes every descriptor in `range`.
+pub fn close_range(range: std::ops::RangeInclusive<u32>) {
+    let (first, last) = (*range.start(), *range.end());
+    if first > last {
+        return;
+    }
     // SAFETY: close_range only closes descriptors; callers have moved the ones
-    // they keep below `first`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        )
-    };
+    // they keep out of the range.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
     if ret != 0 {
-        for fd in first..1024 {
+        for fd in first..=last.min(1023) {
             // SAFETY: closing a descriptor that may not exist is harmless.
-            unsafe { libc::close(fd) };
+            unsafe { libc::close(fd as RawFd) };
         }
     }
 }

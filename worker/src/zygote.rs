@@ -6,6 +6,14 @@
 //! children and reports how each ended, forwards their stderr line by line
 //! with a prefix, and kills them all when the parent goes away (its link
 //! closes even when the parent is killed with SIGKILL).
+//!
+//! To take the fork off the path of a request, the server keeps one *spare*:
+//! a child forked ahead of need, which has already paid for the fork and
+//! for most of the page faults of a new process, and waits for a request's
+//! descriptors. A request hands them to the spare, and the server forks the
+//! next spare while the new worker starts. Spares are made only at start and
+//! after a request, never in answer to a death, so a spare that cannot live
+//! cannot make the server fork in a loop.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,12 +30,30 @@ struct Child {
 }
 
 impl Child {
+    fn new(label: String, stderr: OwnedFd) -> Child {
+        Child {
+            label,
+            stderr: Some(stderr),
+            partial: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+
     fn remember(&mut self, data: &[u8]) {
         self.tail.extend_from_slice(data);
         if self.tail.len() > STDERR_TAIL {
             self.tail.drain(..self.tail.len() - STDERR_TAIL);
         }
     }
+}
+
+/// A child forked ahead of need, waiting on `sock` for a spawn request.
+struct Spare {
+    pid: u32,
+    /// The server's end of the hand-off socket.
+    sock: OwnedFd,
+    /// The read end of the spare's stderr pipe.
+    stderr: OwnedFd,
 }
 
 fn send_event(ctrl: RawFd, event: &ZygoteEvent) {
@@ -77,7 +103,7 @@ fn decode_status(status: libc::c_int) -> ExitInfo {
     }
 }
 
-fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>) {
+fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spare>) {
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
@@ -86,13 +112,17 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>) {
             return;
         }
         let pid = pid as u32;
-        let mut stderr_tail = String::new();
-        if let Some(mut child) = children.remove(&pid) {
-            // Forward what the child wrote before it died, before saying it died.
-            pump_stderr(&mut child);
-            sys::write_prefixed(&child.label, &mut child.partial, &[], true);
-            stderr_tail = String::from_utf8_lossy(&child.tail).into_owned();
-        }
+        let Some(mut child) = children.remove(&pid) else {
+            // A spare that nobody asked for yet: the parent never heard of it.
+            if spare.as_ref().is_some_and(|s| s.pid == pid) {
+                *spare = None;
+            }
+            continue;
+        };
+        // Forward what the child wrote before it died, before saying it died.
+        pump_stderr(&mut child);
+        sys::write_prefixed(&child.label, &mut child.partial, &[], true);
+        let stderr_tail = String::from_utf8_lossy(&child.tail).into_owned();
         send_event(
             ctrl,
             &ZygoteEvent::Exited {
@@ -104,25 +134,41 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>) {
     }
 }
 
+/// Starts a worker from the descriptors of a spawn request: hands them to
+/// the spare if there is one, else forks.
+fn start_worker(
+    zygote_pid: libc::pid_t,
+    fds: Vec<OwnedFd>,
+    has_model: bool,
+    label: String,
+    spare: &mut Option<Spare>,
+) -> Result<(u32, Child), String> {
+    if fds.len() != 3 + usize::from(has_model) {
+        return Err(format!(
+            "spawn request carried {} descriptors, expected {}",
+            fds.len(),
+            3 + usize::from(has_model)
+        ));
+    }
+    if let Some(taken) = spare.take() {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        // The spare gets its own copies; ours close when `fds` drops.
+        if sys::send_with_fds(taken.sock.as_raw_fd(), &[u8::from(has_model)], &raw).is_ok() {
+            return Ok((taken.pid, Child::new(label, taken.stderr)));
+        }
+        // The spare is gone (its exit is reaped and dropped): fork instead.
+    }
+    fork_worker(zygote_pid, fds, has_model, label)
+}
+
 fn fork_worker(
     zygote_pid: libc::pid_t,
     fds: Vec<OwnedFd>,
     has_model: bool,
     label: String,
 ) -> Result<(u32, Child), String> {
-    let mut fds = fds.into_iter();
-    let (Some(read), Some(write), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
-        return Err("spawn request carried no link or status page".into());
-    };
-    let link = LinkEnds { read, write };
-    let model = if has_model {
-        Some(fds.next().ok_or("spawn request carried no model store")?)
-    } else {
-        None
-    };
-    let (err_read, err_write) =
-        sys::pipe().map_err(|e| format!("cannot create a stderr pipe: {e}"))?;
-    sys::set_nonblocking(err_read.as_raw_fd(), true).map_err(|e| e.to_string())?;
+    let (link, status, model) = split_request_fds(fds, has_model)?;
+    let (err_read, err_write) = stderr_pipe()?;
     // SAFETY: this process is single-threaded (it never starts a thread), so
     // the child may run any code after fork.
     let pid = unsafe { libc::fork() };
@@ -132,15 +178,88 @@ fn fork_worker(
     if pid == 0 {
         become_worker(zygote_pid, link, status, model, Some(err_write));
     }
-    Ok((
-        pid as u32,
-        Child {
-            label,
-            stderr: Some(err_read),
-            partial: Vec::new(),
-            tail: Vec::new(),
-        },
-    ))
+    Ok((pid as u32, Child::new(label, err_read)))
+}
+
+/// Splits a spawn request's descriptors into link, status page and model.
+fn split_request_fds(
+    fds: Vec<OwnedFd>,
+    has_model: bool,
+) -> Result<(LinkEnds, OwnedFd, Option<OwnedFd>), String> {
+    let mut fds = fds.into_iter();
+    let (Some(read), Some(write), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
+        return Err("spawn request carried no link or status page".into());
+    };
+    let model = if has_model {
+        Some(fds.next().ok_or("spawn request carried no model store")?)
+    } else {
+        None
+    };
+    Ok((LinkEnds { read, write }, status, model))
+}
+
+/// A pipe for a child's stderr; the server's read end does not block.
+fn stderr_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let (read, write) = sys::pipe().map_err(|e| format!("cannot create a stderr pipe: {e}"))?;
+    sys::set_nonblocking(read.as_raw_fd(), true).map_err(|e| e.to_string())?;
+    Ok((read, write))
+}
+
+/// Forks a spare that waits for a spawn request's descriptors.
+fn fork_spare(zygote_pid: libc::pid_t) -> Result<Spare, String> {
+    let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
+        .map_err(|e| format!("cannot create a hand-off socket: {e}"))?;
+    let (err_read, err_write) = stderr_pipe()?;
+    // SAFETY: this process is single-threaded, as in `fork_worker`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop((ours, err_read));
+        wait_as_spare(zygote_pid, theirs, err_write);
+    }
+    Ok(Spare {
+        pid: pid as u32,
+        sock: ours,
+        stderr: err_read,
+    })
+}
+
+/// In a freshly forked spare: get ready, wait for a spawn request's
+/// descriptors on `sock`, and become that worker. Exits when the server
+/// closes `sock` instead.
+fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
+    sys::reset_signals_for_child();
+    sys::die_with_parent(zygote_pid);
+    let sock_fd = sock.as_raw_fd();
+    if sys::dup_to(stderr.as_raw_fd(), 2).is_err() {
+        // SAFETY: _exit ends the process without running any Rust code.
+        unsafe { libc::_exit(3) };
+    }
+    drop(stderr);
+    // Keep only stdin, stdout, stderr and the hand-off socket: the server's
+    // other descriptors (its link, other children's pipes) are not ours.
+    // `sock_fd` is at least 3: 0 to 2 were open when the socket was made.
+    sys::close_range(3..=sock_fd as u32 - 1);
+    sys::close_range(sock_fd as u32 + 1..=u32::MAX);
+    let mut flag = [0u8; 1];
+    let (len, fds) = match sys::recv_with_fds(sock_fd, &mut flag) {
+        Ok(got) => got,
+        // SAFETY: as above.
+        Err(_) => unsafe { libc::_exit(0) },
+    };
+    drop(sock);
+    if len != 1 {
+        // The server let us go.
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    match split_request_fds(fds, flag[0] != 0) {
+        Ok((link, status, model)) => adopt_descriptors(link, status, model, None),
+        // SAFETY: as above.
+        Err(_) => unsafe { libc::_exit(3) },
+    }
 }
 
 /// In a freshly forked child: arrange descriptors 2 (stderr, if given),
@@ -156,6 +275,17 @@ pub fn become_worker(
 ) -> ! {
     sys::reset_signals_for_child();
     sys::die_with_parent(parent_pid);
+    adopt_descriptors(link, status, model, stderr)
+}
+
+/// Puts a new worker's descriptors in place (see `become_worker`) and runs
+/// the worker.
+fn adopt_descriptors(
+    link: LinkEnds,
+    status: OwnedFd,
+    model: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> ! {
     // Move the kept descriptors high first so the dup2 calls cannot clobber them.
     let high = |fd: OwnedFd| -> RawFd {
         // SAFETY: F_DUPFD returns a new descriptor >= 100 that we own.
@@ -224,6 +354,8 @@ pub fn run(ctrl: OwnedFd) -> ! {
         },
     );
     let mut children: HashMap<u32, Child> = HashMap::new();
+    // Without a spare, a request simply forks.
+    let mut spare: Option<Spare> = fork_spare(zygote_pid).ok();
     let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
     loop {
         let mut pollfds = vec![
@@ -265,20 +397,23 @@ pub fn run(ctrl: OwnedFd) -> ! {
             let mut info = [0u8; 128];
             // SAFETY: draining the signalfd into a buffer of a siginfo's size.
             while unsafe { libc::read(sigfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
-            reap(ctrl_fd, &mut children);
+            reap(ctrl_fd, &mut children, &mut spare);
         }
         if pollfds[0].revents != 0 {
             match sys::recv_with_fds(ctrl_fd, &mut buf) {
-                Ok((0, fds)) if fds.is_empty() => shutdown(&mut children),
+                Ok((0, fds)) if fds.is_empty() => shutdown(&mut children, spare),
                 Ok((len, fds)) => match postcard::from_bytes::<ZygoteRequest>(&buf[..len]) {
                     Ok(ZygoteRequest::Spawn {
                         request_id,
                         label,
                         has_model,
-                    }) => match fork_worker(zygote_pid, fds, has_model, label) {
+                    }) => match start_worker(zygote_pid, fds, has_model, label, &mut spare) {
                         // The worker tells its parent its pid itself.
                         Ok((pid, child)) => {
                             children.insert(pid, child);
+                            if spare.is_none() {
+                                spare = fork_spare(zygote_pid).ok();
+                            }
                         }
                         Err(error) => {
                             send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error })
@@ -293,14 +428,23 @@ pub fn run(ctrl: OwnedFd) -> ! {
                     }
                     Err(e) => eprintln!("procpool fork server: bad request: {e}"),
                 },
-                Err(_) => shutdown(&mut children),
+                Err(_) => shutdown(&mut children, spare),
             }
         }
     }
 }
 
 /// The parent went away: kill every worker, reap them, and exit.
-fn shutdown(children: &mut HashMap<u32, Child>) -> ! {
+fn shutdown(children: &mut HashMap<u32, Child>, spare: Option<Spare>) -> ! {
+    if let Some(spare) = spare {
+        let mut status = 0;
+        // SAFETY: the spare is our unreaped child; the wait blocks only
+        // until the SIGKILL takes effect.
+        unsafe {
+            libc::kill(spare.pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(spare.pid as libc::pid_t, &mut status, 0);
+        }
+    }
     for pid in children.keys() {
         // SAFETY: each pid is our unreaped child.
         unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
