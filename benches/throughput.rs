@@ -2,7 +2,11 @@
 //!
 //! `cargo bench --bench throughput` prints a table, then as its last line one
 //! JSON object: `{"bench":"throughput","tasks_per_s":…,"us_per_task":…,
-//! "round_trip_us":…,"round_trip_p99_us":…}` (medians; p99 over all lone tasks).
+//! "round_trip_us":…,"round_trip_p99_us":…,"floor_us":…,"floor_p99_us":…}`
+//! (medians; p99 over all lone tasks). The floor is the same lone round trip
+//! over a bare pipe pair to a forked child that echoes 64 bytes, measured
+//! interleaved with the pool's, so both see the same machine: on a shared VM
+//! the wake-ups that dominate a lone round trip vary from minute to minute.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,85 @@ fn median(v: &mut [f64]) -> f64 {
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A forked child that echoes 64-byte messages over a pipe pair: the bare
+/// mechanism a lone task's round trip is made of.
+struct Echo {
+    to_child: libc::c_int,
+    from_child: libc::c_int,
+    pid: libc::pid_t,
+}
+
+impl Echo {
+    fn start() -> std::io::Result<Echo> {
+        let mut a = [0; 2];
+        let mut b = [0; 2];
+        // SAFETY: pipe writes two descriptors into each array.
+        if unsafe { libc::pipe(a.as_mut_ptr()) } != 0 || unsafe { libc::pipe(b.as_mut_ptr()) } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the child calls only read, write and _exit, which are
+        // async-signal-safe, so forking this multi-threaded process is sound.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            let mut buf = [0u8; 64];
+            // SAFETY: async-signal-safe calls on descriptors this process
+            // owns: keep our two pipe ends as 3 and 4, close the rest (so
+            // closing the parent's ends is seen here, and nobody else's
+            // descriptors stay open), then echo until end of file.
+            unsafe {
+                libc::dup2(a[0], 100);
+                libc::dup2(b[1], 101);
+                libc::dup2(100, 3);
+                libc::dup2(101, 4);
+                libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+                loop {
+                    if libc::read(3, buf.as_mut_ptr().cast(), 64) <= 0 {
+                        libc::_exit(0);
+                    }
+                    libc::write(4, buf.as_ptr().cast(), 64);
+                }
+            }
+        }
+        // SAFETY: closing the child's ends, which this process no longer needs.
+        unsafe {
+            libc::close(a[0]);
+            libc::close(b[1]);
+        }
+        Ok(Echo {
+            to_child: a[1],
+            from_child: b[0],
+            pid,
+        })
+    }
+
+    /// One round trip, in µs.
+    fn trip(&self) -> f64 {
+        let mut buf = [7u8; 64];
+        let start = Instant::now();
+        // SAFETY: writing and reading a buffer we own on our pipe ends.
+        unsafe {
+            libc::write(self.to_child, buf.as_ptr().cast(), 64);
+            libc::read(self.from_child, buf.as_mut_ptr().cast(), 64);
+        }
+        start.elapsed().as_secs_f64() * 1e6
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        // SAFETY: closing our ends ends the child's loop; then reap it.
+        unsafe {
+            libc::close(self.to_child);
+            libc::close(self.from_child);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,17 +133,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let tasks_per_s = median(&mut rates);
 
-    // One task alone while the workers are idle (blocked waiting for work).
+    // One task alone while the workers are idle (blocked waiting for work),
+    // interleaved with the bare mechanism's round trip.
+    let echo = Echo::start()?;
     let mut trips = Vec::new();
+    let mut floor = Vec::new();
     for i in 0..lone {
         std::thread::sleep(Duration::from_millis(1));
         let start = Instant::now();
         let r = inv.map(std::iter::once(i)).next().ok_or("no result")??;
         trips.push(start.elapsed().as_secs_f64() * 1e6);
         assert_eq!(r, i + 1);
+        std::thread::sleep(Duration::from_millis(1));
+        floor.push(echo.trip());
     }
+    drop(echo);
     let round_trip_us = median(&mut trips);
     let round_trip_p99_us = percentile(&mut trips, 0.99);
+    let floor_us = median(&mut floor);
+    let floor_p99_us = percentile(&mut floor, 0.99);
 
     println!("throughput: {tasks} trivial tasks, 2 workers, auto batching, {reps} runs");
     println!("  tasks/s (median)        {tasks_per_s:>14.0}");
@@ -69,11 +160,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  lone task round trip µs {round_trip_us:>14.1} median, {round_trip_p99_us:.1} p99 ({lone} tasks)"
     );
     println!(
-        "{{\"bench\":\"throughput\",\"tasks_per_s\":{:.0},\"us_per_task\":{:.5},\"round_trip_us\":{:.1},\"round_trip_p99_us\":{:.1}}}",
+        "  bare pipe round trip µs {floor_us:>14.1} median, {floor_p99_us:.1} p99 (same {lone}, interleaved)"
+    );
+    println!(
+        "{{\"bench\":\"throughput\",\"tasks_per_s\":{:.0},\"us_per_task\":{:.5},\"round_trip_us\":{:.1},\"round_trip_p99_us\":{:.1},\"floor_us\":{:.1},\"floor_p99_us\":{:.1}}}",
         tasks_per_s,
         1e6 / tasks_per_s,
         round_trip_us,
-        round_trip_p99_us
+        round_trip_p99_us,
+        floor_us,
+        floor_p99_us
     );
     Ok(())
 }
