@@ -92,6 +92,22 @@ fn memory_limit_failure_is_out_of_memory_with_the_stderr_tail() {
 }
 
 #[test]
+fn a_spawned_process_reports_out_of_memory_with_its_stderr_tail_too() {
+    no_core_dumps();
+    let err = procpool::Isolated::new(crash)
+        .start_method(procpool::StartMethod::Spawn)
+        .memory_limit(2 << 30)
+        .run("oom".to_string())
+        .unwrap_err();
+    assert!(err.is_out_of_memory(), "{err}");
+    let tail = err.stderr_tail().unwrap();
+    assert!(
+        tail.contains("about to allocate too much") && tail.contains("memory allocation of"),
+        "{tail}"
+    );
+}
+
+#[test]
 fn a_timeout_stops_the_call() {
     let started = Instant::now();
     let err = procpool::Isolated::new(crash)

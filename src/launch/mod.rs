@@ -7,9 +7,10 @@ pub(crate) mod fork_server;
 mod spawn;
 
 use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use procpool_worker::protocol::ExitInfo;
+use procpool_worker::protocol::{ExitInfo, STDERR_TAIL};
 use procpool_worker::sys::{self, LinkEnds};
 
 use crate::error::PoolError;
@@ -28,7 +29,11 @@ pub enum StartMethod {
     Spawn,
     /// Fork each worker directly from the calling process. Made with the
     /// `unsafe` [`StartMethod::fork`]; refused when the process has more than
-    /// one thread.
+    /// one thread. Its workers write to the parent's stderr directly, with
+    /// no prefix and no tail kept (a thread to read it would make the
+    /// process multi-threaded and refuse the next fork), so an allocation
+    /// failure under a memory limit is reported as a crash, not as
+    /// out-of-memory.
     Fork(ForkPermit),
 }
 
@@ -112,12 +117,65 @@ impl StatusPage {
     }
 }
 
+/// The last [`STDERR_TAIL`] bytes a worker wrote to stderr, kept by the
+/// thread that forwards its stderr (for start methods whose workers are our
+/// own children; the fork server keeps its children's tails itself).
+pub(crate) struct StderrTail {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    /// Disconnected once the forwarding thread has read to end of file.
+    ended: mpsc::Receiver<()>,
+}
+
+/// The forwarding thread's side of a [`StderrTail`].
+pub(crate) struct TailWriter {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    _ended: mpsc::Sender<()>,
+}
+
+impl StderrTail {
+    /// A tail, and the writer the forwarding thread keeps until end of file.
+    pub fn new() -> (StderrTail, TailWriter) {
+        let (ended_tx, ended) = mpsc::channel();
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let writer = TailWriter {
+            bytes: Arc::clone(&bytes),
+            _ended: ended_tx,
+        };
+        (StderrTail { bytes, ended }, writer)
+    }
+
+    /// The tail of a worker that has ended. Waits briefly for the forwarding
+    /// thread to reach end of file: the pipe closes when the worker dies,
+    /// unless a process it started still holds it open.
+    pub fn collect(&self) -> String {
+        let _ = self.ended.recv_timeout(Duration::from_millis(200));
+        let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl TailWriter {
+    /// Keeps `data` as the newest part of the tail.
+    pub fn remember(&self, data: &[u8]) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        bytes.extend_from_slice(data);
+        if bytes.len() > STDERR_TAIL {
+            let excess = bytes.len() - STDERR_TAIL;
+            bytes.drain(..excess);
+        }
+    }
+}
+
 /// Who can tell how a worker ended, and kill it.
 pub(crate) enum Reaper {
     /// The fork server is its parent.
     ForkServer(std::sync::Arc<fork_server::ForkServer>),
-    /// We are its parent, through `std::process::Child`.
-    Child(std::process::Child),
+    /// We are its parent, through `std::process::Child`; `tail` keeps the
+    /// end of its stderr.
+    Child {
+        child: std::process::Child,
+        tail: Option<StderrTail>,
+    },
     /// We are its parent, through a raw fork.
     Forked,
 }
@@ -152,7 +210,7 @@ impl Reaper {
     pub fn kill(&mut self, pid: u32, signal: i32) {
         match self {
             Reaper::ForkServer(server) => server.kill(pid, signal),
-            Reaper::Child(child) => {
+            Reaper::Child { child, .. } => {
                 if matches!(child.try_wait(), Ok(None)) {
                     // SAFETY: the child is unreaped, so `pid` is still ours.
                     unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -188,15 +246,18 @@ impl Reaper {
         };
         match self {
             Reaper::ForkServer(server) => server.wait_exit(pid, timeout),
-            Reaper::Child(child) => loop {
+            Reaper::Child { child, tail } => loop {
                 if let Ok(Some(status)) = child.try_wait() {
                     use std::os::unix::process::ExitStatusExt;
-                    return ended(match status.signal() {
-                        Some(signal) => ExitInfo::Signal {
-                            signal,
-                            core_dumped: status.core_dumped(),
+                    return Some(Ended {
+                        exit: match status.signal() {
+                            Some(signal) => ExitInfo::Signal {
+                                signal,
+                                core_dumped: status.core_dumped(),
+                            },
+                            None => ExitInfo::Code(status.code().unwrap_or(-1)),
                         },
-                        None => ExitInfo::Code(status.code().unwrap_or(-1)),
+                        stderr_tail: tail.as_ref().map(StderrTail::collect).unwrap_or_default(),
                     });
                 }
                 if std::time::Instant::now() >= deadline {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use procpool_worker::protocol::ROLE_ENV;
 use procpool_worker::sys::{self, LinkEnds};
 
-use super::Reaper;
+use super::{Reaper, StderrTail};
 use crate::error::PoolError;
 
 pub(super) fn spawn(
@@ -60,23 +60,30 @@ pub(super) fn spawn(
         .spawn()
         .map_err(|e| PoolError::io("re-execute this program as a worker", e))?;
     drop(link);
+    let mut tail = None;
     if let Some(mut stderr) = child.stderr.take() {
         let label = label.to_string();
+        let (kept, writer) = StderrTail::new();
         let pump = move || {
             let mut partial = Vec::new();
             let mut buf = [0u8; 16 * 1024];
             loop {
                 match stderr.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => sys::write_prefixed(&label, &mut partial, &buf[..n], false),
+                    Ok(n) => {
+                        sys::write_prefixed(&label, &mut partial, &buf[..n], false);
+                        writer.remember(&buf[..n]);
+                    }
                 }
             }
             sys::write_prefixed(&label, &mut partial, &[], true);
+            drop(writer);
         };
         std::thread::Builder::new()
             .name("procpool-stderr".into())
             .spawn(pump)
             .map_err(|e| PoolError::io("start a stderr reader thread", e))?;
+        tail = Some(kept);
     }
-    Ok((child.id(), Reaper::Child(child)))
+    Ok((child.id(), Reaper::Child { child, tail }))
 }
