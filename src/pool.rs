@@ -166,7 +166,11 @@ struct Worker {
     id: u32,
     pid: u32,
     link: LinkEnds,
-    status: StatusPage,
+    /// None for an isolated call's worker (one batch of one task).
+    status: Option<StatusPage>,
+    /// When the worker was asked for; an isolated call's task was waiting
+    /// in its pipe from then on.
+    launched_at: Instant,
     reader: FrameReader,
     out: Vec<u8>,
     out_pos: usize,
@@ -310,21 +314,31 @@ impl Pool {
         sys::push_frame(&mut frame, to_worker::SETUP, &body);
         frame.extend_from_slice(preload);
         let model = self.spec.model.as_ref().map(|m| m.as_fd());
-        let launched = launch::launch(self.spec.method, &label, &frame, model)?;
+        let purpose = if self.spec.setup.one_batch {
+            launch::Purpose::Isolated
+        } else {
+            launch::Purpose::Pool
+        };
+        let launched = launch::launch(self.spec.method, purpose, &label, &frame, model)?;
         Ok((id, launched))
     }
 
     /// Waits for a new worker's READY (its setup went out with it).
     fn handshake(&self, id: u32, launched: launch::Launched) -> Result<Worker, PoolError> {
+        let launched_at = Instant::now();
         let launch::Launched {
             pid,
             link,
             status,
             mut reaper,
+            unsent,
         } = launched;
-        let fd = link.read.as_raw_fd();
         let mut reader = FrameReader::default();
-        let result = match read_frame_timeout(&mut reader, fd, id) {
+        let mut pending = Pending {
+            out: unsent,
+            pos: 0,
+        };
+        let result = match read_frame_timeout(&mut reader, &link, &mut pending, id) {
             Ok((from_worker::READY, body)) => match postcard::from_bytes::<Ready>(&body) {
                 Ok(ready) if ready.fingerprint == procpool_worker::fnref::fingerprint() => {
                     Ok(ready.pid)
@@ -348,19 +362,19 @@ impl Pool {
         };
         match result {
             Ok(ready_pid) => {
-                // Writes must never block (a worker may be writing to us);
-                // reads stay blocking and happen only when poll says so, or
-                // when one worker alone has work (see `wait_and_collect`).
-                sys::set_nonblocking(link.write.as_raw_fd(), true)
-                    .map_err(|e| PoolError::io("configure a worker link", e))?;
+                // Writes never block (a worker may be writing to us; `launch`
+                // made our end non-blocking); reads stay blocking and happen
+                // only when poll says so, or when one worker alone has work
+                // (see `wait_and_collect`).
                 Ok(Worker {
                     id,
                     pid: pid.unwrap_or(ready_pid),
                     link,
                     status,
+                    launched_at,
                     reader,
-                    out: Vec::new(),
-                    out_pos: 0,
+                    out: pending.out,
+                    out_pos: pending.pos,
                     in_flight: VecDeque::new(),
                     reaper,
                     stopping: None,
@@ -468,11 +482,22 @@ impl Pool {
 }
 
 /// Reads one frame, blocking up to the handshake timeout, re-emitting logs.
+/// Output for a worker that did not fit in its pipe yet.
+struct Pending {
+    out: Vec<u8>,
+    pos: usize,
+}
+
+/// Reads the next frame other than a log record (logs are re-emitted) from
+/// a new worker, sending it the rest of its first frames meanwhile, for at
+/// most [`HANDSHAKE_TIMEOUT`].
 fn read_frame_timeout(
     reader: &mut FrameReader,
-    fd: i32,
+    link: &LinkEnds,
+    pending: &mut Pending,
     worker_id: u32,
 ) -> Result<(u8, Vec<u8>), PoolError> {
+    let fd = link.read.as_raw_fd();
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
         if let Some((tag, body)) = reader
@@ -491,15 +516,49 @@ fn read_frame_timeout(
         if left.is_zero() {
             return Err(PoolError::protocol("timed out waiting for a worker"));
         }
-        if !sys::wait_readable(fd, left.as_millis().min(i32::MAX as u128) as i32)
-            .map_err(|e| PoolError::io("wait for a worker", e))?
-        {
-            continue;
+        let left_ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let mut pollfds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: link.write.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+        ];
+        let watched = if pending.pos < pending.out.len() {
+            2
+        } else {
+            1
+        };
+        // SAFETY: `pollfds` is a valid array of at least `watched` entries.
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), watched, left_ms) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(PoolError::io("wait for a worker", err));
         }
-        if reader
-            .fill(fd)
-            .map_err(|e| PoolError::io("read from a worker", e))?
-            == ReadStatus::Closed
+        if watched == 2 && pollfds[1].revents != 0 {
+            // Writable, or the worker's read end is gone (then its link's
+            // end of file follows on the read side).
+            match sys::write_some(link.write.as_raw_fd(), &pending.out[pending.pos..]) {
+                Ok(n) => pending.pos += n,
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    pending.pos = pending.out.len();
+                }
+                Err(e) => return Err(PoolError::io("write to a worker", e)),
+            }
+        }
+        if pollfds[0].revents != 0
+            && reader
+                .fill(fd)
+                .map_err(|e| PoolError::io("read from a worker", e))?
+                == ReadStatus::Closed
         {
             return Err(PoolError::protocol("the worker closed its link"));
         }
@@ -831,14 +890,24 @@ where
             if worker.in_flight.is_empty() {
                 continue;
             }
-            let words = worker.status.words();
-            let Some(task) = words.current_task() else {
-                // Sent but not started yet: look again very soon.
-                wait = wait.min(Duration::from_millis(10));
-                continue;
+            let (task, ran) = match &worker.status {
+                Some(page) => {
+                    let words = page.words();
+                    let Some(task) = words.current_task() else {
+                        // Sent but not started yet: look again very soon.
+                        wait = wait.min(Duration::from_millis(10));
+                        continue;
+                    };
+                    let started = words.started_ns.load(std::sync::atomic::Ordering::Relaxed);
+                    (task, Duration::from_nanos(now_ns.saturating_sub(started)))
+                }
+                // An isolated call: its one task waited in the pipe from the
+                // moment the process was asked for.
+                None => match worker.in_flight.front() {
+                    Some(batch) => (batch.first_index, worker.launched_at.elapsed()),
+                    None => continue,
+                },
             };
-            let started = words.started_ns.load(std::sync::atomic::Ordering::Relaxed);
-            let ran = Duration::from_nanos(now_ns.saturating_sub(started));
             if ran >= limit {
                 worker.reaper.kill(worker.pid, libc::SIGTERM);
                 worker.stopping = Some(Stopping {
@@ -903,7 +972,11 @@ where
     /// the others it held again, and replace it.
     fn worker_died(&mut self, slot: usize) {
         let worker = &mut self.pool.workers[slot];
-        let running = worker.status.words().current_task();
+        let running = match &worker.status {
+            Some(page) => page.words().current_task(),
+            // An isolated call's worker runs its one task or nothing.
+            None => worker.in_flight.front().map(|b| b.first_index),
+        };
         let timed_out = worker.stopping.as_ref().map(|s| s.task);
         let ended = worker.kill_and_reap();
         let (id, pid) = (worker.id, worker.pid);

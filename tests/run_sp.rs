@@ -50,6 +50,26 @@ fn returns_the_value() {
     assert_eq!(parts, vec!["a", "b"]);
 }
 
+fn reversed(v: Vec<u32>) -> Vec<u32> {
+    v.into_iter().rev().collect()
+}
+
+#[test]
+fn arguments_and_results_larger_than_a_pipe_go_through() {
+    // Several MiB each way: more than a pipe holds before the process
+    // exists, and more than it holds when the result comes back.
+    let v: Vec<u32> = (0..2_000_000).collect();
+    let sent = v.clone();
+    // On a thread, so that a hang fails the test instead of stalling it.
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(procpool::run_sp(reversed, sent)));
+    let r = outcome
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the call hung")
+        .unwrap();
+    assert!(r.iter().eq(v.iter().rev()));
+}
+
 #[test]
 fn a_panic_is_an_error_with_message_and_location() {
     let err = procpool::run_sp(fragile, 11).unwrap_err();

@@ -19,7 +19,7 @@ pub(crate) fn thread_count() -> Option<usize> {
 pub(super) fn fork(
     _label: &str,
     link: LinkEnds,
-    status: BorrowedFd<'_>,
+    status: Option<BorrowedFd<'_>>,
     model: Option<BorrowedFd<'_>>,
 ) -> Result<(u32, Reaper), PoolError> {
     match thread_count() {
@@ -40,8 +40,11 @@ pub(super) fn fork(
         procpool_worker::sys::dup_owned(fd)
             .map_err(|e| PoolError::io("duplicate a descriptor for a worker", e))
     };
-    let status = dup(&status)?;
-    let model = model.as_ref().map(dup).transpose()?;
+    let fds = procpool_worker::sys::WorkerFds {
+        link,
+        status: status.as_ref().map(dup).transpose()?,
+        model: model.as_ref().map(dup).transpose()?,
+    };
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the process has one thread (checked above, and the caller of
@@ -57,8 +60,8 @@ pub(super) fn fork(
     if pid == 0 {
         // Stderr is inherited as is: a reader thread would make this process
         // multi-threaded and refuse the next fork.
-        procpool_worker::zygote::become_worker(parent, link, status, model, None);
+        procpool_worker::zygote::become_worker(parent, fds, None);
     }
-    drop((link, status, model));
+    drop(fds);
     Ok((pid as u32, Reaper::Forked))
 }

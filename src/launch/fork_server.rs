@@ -176,13 +176,14 @@ impl ForkServer {
     }
 
     /// Asks for a worker on `link` with the status page `status` and the
-    /// model store `model`. Returns once the request is sent: the worker
-    /// reports its pid when ready, and a failed fork closes its link.
+    /// model store `model` (each if any). Returns once the request is sent:
+    /// the worker reports its pid when ready, and a failed fork closes its
+    /// link.
     pub fn spawn(
         &self,
         label: &str,
         link: LinkEnds,
-        status: BorrowedFd<'_>,
+        status: Option<BorrowedFd<'_>>,
         model: Option<BorrowedFd<'_>>,
     ) -> Result<(), PoolError> {
         if !self.alive.load(Ordering::Acquire) {
@@ -192,13 +193,11 @@ impl ForkServer {
         let request = ZygoteRequest::Spawn {
             request_id,
             label: label.to_string(),
+            has_status: status.is_some(),
             has_model: model.is_some(),
         };
-        let mut fds = vec![
-            link.read.as_raw_fd(),
-            link.write.as_raw_fd(),
-            status.as_raw_fd(),
-        ];
+        let mut fds = vec![link.read.as_raw_fd(), link.write.as_raw_fd()];
+        fds.extend(status.map(|s| s.as_raw_fd()));
         fds.extend(model.map(|m| m.as_raw_fd()));
         self.send(&request, &fds)
             .map_err(|e| PoolError::io("ask the fork server for a worker", e))

@@ -59,14 +59,28 @@ impl StartMethod {
     }
 }
 
+/// What a worker is started for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A pool's worker: many batches, large pipes, and a status page that
+    /// says which task of a batch it runs.
+    Pool,
+    /// One batch of one task (an isolated call): nothing to tell apart, so
+    /// no status page, and default pipes.
+    Isolated,
+}
+
 /// A started worker, before the handshake.
 pub(crate) struct Launched {
     /// Known at once for workers we start ourselves; a fork-server worker
     /// reports its own in its READY.
     pub pid: Option<u32>,
     pub link: LinkEnds,
-    pub status: StatusPage,
+    pub status: Option<StatusPage>,
     pub reaper: Reaper,
+    /// The part of the first frames that did not fit in the pipe before the
+    /// worker existed; it goes out as the worker reads.
+    pub unsent: Vec<u8>,
 }
 
 /// How a worker ended, with the last lines it wrote to stderr when known.
@@ -288,22 +302,37 @@ impl Reaper {
     }
 }
 
-/// Starts one worker with `method`, giving it the model store `model`.
+/// Starts one worker with `method` for `purpose`, giving it the model store
+/// `model`, with `first_frames` (its setup, and perhaps a batch) waiting in
+/// its pipe.
 pub(crate) fn launch(
     method: StartMethod,
+    purpose: Purpose,
     label: &str,
-    setup_frame: &[u8],
+    first_frames: &[u8],
     model: Option<BorrowedFd<'_>>,
 ) -> Result<Launched, PoolError> {
+    use std::os::fd::{AsFd, AsRawFd};
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
-    let (ours, theirs) = sys::link_pair().map_err(|e| PoolError::io("create a worker link", e))?;
-    // The setup waits in the pipe, so the worker finds it the moment it starts.
-    sys::write_all(std::os::fd::AsRawFd::as_raw_fd(&ours.write), setup_frame)
+    let (ours, theirs) = sys::link_pair(purpose == Purpose::Pool)
+        .map_err(|e| PoolError::io("create a worker link", e))?;
+    // The frames wait in the pipe, so the worker finds them the moment it
+    // starts. What does not fit waits for the worker to read: a blocking
+    // write here would wait for a reader that does not exist yet.
+    sys::set_nonblocking(ours.write.as_raw_fd(), true)
+        .map_err(|e| PoolError::io("configure a worker link", e))?;
+    let written = sys::write_some(ours.write.as_raw_fd(), first_frames)
         .map_err(|e| PoolError::io("write a worker's setup", e))?;
-    let status = StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?;
-    let status_fd = std::os::fd::AsFd::as_fd(&status.fd);
+    let unsent = first_frames[written..].to_vec();
+    let status = match purpose {
+        Purpose::Pool => {
+            Some(StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?)
+        }
+        Purpose::Isolated => None,
+    };
+    let status_fd = status.as_ref().map(|s| s.fd.as_fd());
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;
@@ -324,5 +353,6 @@ pub(crate) fn launch(
         link: ours,
         status,
         reaper,
+        unsent,
     })
 }

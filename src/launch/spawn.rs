@@ -14,20 +14,20 @@ use crate::error::PoolError;
 pub(super) fn spawn(
     label: &str,
     link: LinkEnds,
-    status: BorrowedFd<'_>,
+    status: Option<BorrowedFd<'_>>,
     model: Option<BorrowedFd<'_>>,
 ) -> Result<(u32, Reaper), PoolError> {
     let fds = [
         link.read.as_raw_fd(),
         link.write.as_raw_fd(),
-        status.as_raw_fd(),
+        status.map_or(-1, |s| s.as_raw_fd()),
         model.map_or(-1, |m| m.as_raw_fd()),
     ];
-    let role = if model.is_some() {
-        "worker:3:4:5:6"
-    } else {
-        "worker:3:4:5:-1"
-    };
+    let role = format!(
+        "worker:3:4:{}:{}",
+        if status.is_some() { "5" } else { "-1" },
+        if model.is_some() { "6" } else { "-1" }
+    );
     let mut command = Command::new("/proc/self/exe");
     command
         .env(ROLE_ENV, role)

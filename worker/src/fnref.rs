@@ -38,9 +38,7 @@ fn compute_fingerprint() -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.write_i64(offset_of(compute_fingerprint as fn() -> u64 as usize));
     h.write_i64(offset_of(
-        crate::task_loop::run
-            as fn(crate::sys::LinkEnds, std::os::fd::OwnedFd, Option<std::os::fd::OwnedFd>) -> !
-            as usize,
+        crate::task_loop::run as fn(crate::sys::WorkerFds) -> ! as usize,
     ));
     h.write(env!("CARGO_PKG_VERSION").as_bytes());
     if let Ok(meta) = std::fs::metadata("/proc/self/exe") {

@@ -74,23 +74,22 @@ fn procpool_entry() {
             }
         }
         ["worker", read, write, status, model] => {
-            if let (Some(read), Some(write), Some(status)) =
-                (parse_fd(read), parse_fd(write), parse_fd(status))
-            {
-                // SAFETY: the parent placed the link's ends (and the model
-                // store) at these descriptors for this process alone.
-                let link = unsafe {
-                    sys::LinkEnds {
-                        read: OwnedFd::from_raw_fd(read),
-                        write: OwnedFd::from_raw_fd(write),
+            if let (Some(read), Some(write)) = (parse_fd(read), parse_fd(write)) {
+                // SAFETY: the parent placed the link's ends, the status page
+                // and the model store (the last two if it gave a number) at
+                // these descriptors for this process alone.
+                let fds = unsafe {
+                    sys::WorkerFds {
+                        link: sys::LinkEnds {
+                            read: OwnedFd::from_raw_fd(read),
+                            write: OwnedFd::from_raw_fd(write),
+                        },
+                        status: parse_fd(status).map(|s| OwnedFd::from_raw_fd(s)),
+                        model: parse_fd(model).map(|m| OwnedFd::from_raw_fd(m)),
                     }
                 };
-                // SAFETY: as above.
-                let status = unsafe { OwnedFd::from_raw_fd(status) };
-                // SAFETY: as above.
-                let model = parse_fd(model).map(|m| unsafe { OwnedFd::from_raw_fd(m) });
                 sys::reset_signals_for_child();
-                task_loop::run(link, status, model);
+                task_loop::run(fds);
             }
         }
         _ => {}

@@ -110,14 +110,16 @@ pub enum TaskFailure {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ZygoteRequest {
     /// Fork a worker. Attached descriptors: the worker's ends of its link
-    /// (read, then write), its status page, then the model store if
-    /// `has_model`.
+    /// (read, then write), then its status page if `has_status`, then the
+    /// model store if `has_model`.
     Spawn {
         /// Echoed in the reply.
         request_id: u64,
         /// Prefix for the worker's stderr lines.
         label: String,
-        /// Whether a model descriptor is attached after the socket.
+        /// Whether a status page descriptor is attached.
+        has_status: bool,
+        /// Whether a model descriptor is attached.
         has_model: bool,
     },
     /// Send a signal to a worker the fork server has not reaped yet.

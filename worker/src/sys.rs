@@ -87,18 +87,68 @@ pub struct LinkEnds {
     pub write: OwnedFd,
 }
 
+/// What a worker starts with, placed at fixed descriptors in the worker: its
+/// link at 3 (read) and 4 (write), its status page at 5 and the model store
+/// at 6, each if it has one.
+#[derive(Debug)]
+pub struct WorkerFds {
+    /// The worker's ends of its link.
+    pub link: LinkEnds,
+    /// The page where it records the task it runs. A worker that runs one
+    /// batch of one task (an isolated call) has none: there is nothing to
+    /// tell apart.
+    pub status: Option<OwnedFd>,
+    /// The model store, if the function has a model.
+    pub model: Option<OwnedFd>,
+}
+
+impl WorkerFds {
+    /// The descriptors in the order a spawn request carries them: link read
+    /// end, link write end, then the status page and the model if present.
+    pub fn raw(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.link.read.as_raw_fd(), self.link.write.as_raw_fd()];
+        fds.extend(self.status.as_ref().map(AsRawFd::as_raw_fd));
+        fds.extend(self.model.as_ref().map(AsRawFd::as_raw_fd));
+        fds
+    }
+
+    /// Takes descriptors in the order of [`raw`](Self::raw); `None` unless
+    /// there are exactly as many as the flags say.
+    pub fn from_received(fds: Vec<OwnedFd>, has_status: bool, has_model: bool) -> Option<Self> {
+        if fds.len() != 2 + usize::from(has_status) + usize::from(has_model) {
+            return None;
+        }
+        let mut fds = fds.into_iter();
+        let link = LinkEnds {
+            read: fds.next()?,
+            write: fds.next()?,
+        };
+        let status = if has_status { fds.next() } else { None };
+        let model = if has_model { fds.next() } else { None };
+        Some(WorkerFds {
+            link,
+            status,
+            model,
+        })
+    }
+}
+
 /// Bytes a link pipe holds before a writer waits (the default cap of
 /// `/proc/sys/fs/pipe-max-size`); larger frames simply take several wakeups.
 pub const LINK_PIPE_BYTES: libc::c_int = 1 << 20;
 
-/// A new link: `(parent's ends, worker's ends)`, all close-on-exec.
-pub fn link_pair() -> io::Result<(LinkEnds, LinkEnds)> {
+/// A new link: `(parent's ends, worker's ends)`, all close-on-exec. With
+/// `large`, each pipe holds [`LINK_PIPE_BYTES`] (for a pool's batches);
+/// otherwise the system's default (64 KiB), which costs less to set up.
+pub fn link_pair(large: bool) -> io::Result<(LinkEnds, LinkEnds)> {
     let (to_worker_read, to_worker_write) = pipe()?;
     let (from_worker_read, from_worker_write) = pipe()?;
-    for fd in [&to_worker_write, &from_worker_write] {
-        // SAFETY: F_SETPIPE_SZ only resizes the pipe's buffer; failure (a
-        // lower system limit) leaves the default size, which still works.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, LINK_PIPE_BYTES) };
+    if large {
+        for fd in [&to_worker_write, &from_worker_write] {
+            // SAFETY: F_SETPIPE_SZ only resizes the pipe's buffer; failure (a
+            // lower system limit) leaves the default size, which still works.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, LINK_PIPE_BYTES) };
+        }
     }
     Ok((
         LinkEnds {

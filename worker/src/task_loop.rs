@@ -8,7 +8,7 @@ use crate::fnref;
 use crate::link;
 use crate::protocol::{BATCH_HEADER, Ready, Setup, from_worker, to_worker};
 use crate::store_format::{HEADER_LEN, Header};
-use crate::sys::{self, FrameReader, LinkEnds};
+use crate::sys::{self, FrameReader, WorkerFds};
 use crate::task::{BatchRunner, BatchView};
 
 fn fatal(message: String) -> ! {
@@ -90,9 +90,14 @@ unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String
     Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
 }
 
-/// Runs the worker on `link`, recording progress in the `status` page, with
-/// the model store `model`. Never returns.
-pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
+/// Runs the worker on its link, recording progress in its status page (if
+/// it has one), with its model store (if any). Never returns.
+pub fn run(fds: WorkerFds) -> ! {
+    let WorkerFds {
+        link: link_ends,
+        status,
+        model,
+    } = fds;
     let fd = link_ends.read.as_raw_fd();
     let out_fd = link_ends.write.as_raw_fd();
     // Both ends live as long as the process.
@@ -128,7 +133,9 @@ pub fn run(link_ends: LinkEnds, status: OwnedFd, model: Option<OwnedFd>) -> ! {
         _ => log::LevelFilter::Trace,
     };
     crate::log_forward::install(level);
-    if let Err(e) = crate::status::install(status, setup.timed) {
+    if let Some(status) = status
+        && let Err(e) = crate::status::install(status, setup.timed)
+    {
         fatal(e);
     }
     if let Some(limit) = setup.memory_limit {

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::protocol::{ExitInfo, STDERR_TAIL, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
-use crate::sys::{self, LinkEnds};
+use crate::sys::{self, WorkerFds};
 
 struct Child {
     label: String,
@@ -134,40 +134,42 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spar
     }
 }
 
+/// Bits of the byte that hands a spawn request's descriptors to a spare.
+const HANDOFF_STATUS: u8 = 1;
+const HANDOFF_MODEL: u8 = 2;
+
 /// Starts a worker from the descriptors of a spawn request: hands them to
 /// the spare if there is one, else forks.
 fn start_worker(
     zygote_pid: libc::pid_t,
-    fds: Vec<OwnedFd>,
-    has_model: bool,
+    fds: WorkerFds,
     label: String,
     spare: &mut Option<Spare>,
 ) -> Result<(u32, Child), String> {
-    if fds.len() != 3 + usize::from(has_model) {
-        return Err(format!(
-            "spawn request carried {} descriptors, expected {}",
-            fds.len(),
-            3 + usize::from(has_model)
-        ));
-    }
     if let Some(taken) = spare.take() {
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let flags = if fds.status.is_some() {
+            HANDOFF_STATUS
+        } else {
+            0
+        } | if fds.model.is_some() {
+            HANDOFF_MODEL
+        } else {
+            0
+        };
         // The spare gets its own copies; ours close when `fds` drops.
-        if sys::send_with_fds(taken.sock.as_raw_fd(), &[u8::from(has_model)], &raw).is_ok() {
+        if sys::send_with_fds(taken.sock.as_raw_fd(), &[flags], &fds.raw()).is_ok() {
             return Ok((taken.pid, Child::new(label, taken.stderr)));
         }
         // The spare is gone (its exit is reaped and dropped): fork instead.
     }
-    fork_worker(zygote_pid, fds, has_model, label)
+    fork_worker(zygote_pid, fds, label)
 }
 
 fn fork_worker(
     zygote_pid: libc::pid_t,
-    fds: Vec<OwnedFd>,
-    has_model: bool,
+    fds: WorkerFds,
     label: String,
 ) -> Result<(u32, Child), String> {
-    let (link, status, model) = split_request_fds(fds, has_model)?;
     let (err_read, err_write) = stderr_pipe()?;
     // SAFETY: this process is single-threaded (it never starts a thread), so
     // the child may run any code after fork.
@@ -176,26 +178,9 @@ fn fork_worker(
         return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        become_worker(zygote_pid, link, status, model, Some(err_write));
+        become_worker(zygote_pid, fds, Some(err_write));
     }
     Ok((pid as u32, Child::new(label, err_read)))
-}
-
-/// Splits a spawn request's descriptors into link, status page and model.
-fn split_request_fds(
-    fds: Vec<OwnedFd>,
-    has_model: bool,
-) -> Result<(LinkEnds, OwnedFd, Option<OwnedFd>), String> {
-    let mut fds = fds.into_iter();
-    let (Some(read), Some(write), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
-        return Err("spawn request carried no link or status page".into());
-    };
-    let model = if has_model {
-        Some(fds.next().ok_or("spawn request carried no model store")?)
-    } else {
-        None
-    };
-    Ok((LinkEnds { read, write }, status, model))
 }
 
 /// A pipe for a child's stderr; the server's read end does not block.
@@ -243,8 +228,8 @@ fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
     // `sock_fd` is at least 3: 0 to 2 were open when the socket was made.
     sys::close_range(3..=sock_fd as u32 - 1);
     sys::close_range(sock_fd as u32 + 1..=u32::MAX);
-    let mut flag = [0u8; 1];
-    let (len, fds) = match sys::recv_with_fds(sock_fd, &mut flag) {
+    let mut flags = [0u8; 1];
+    let (len, fds) = match sys::recv_with_fds(sock_fd, &mut flags) {
         Ok(got) => got,
         // SAFETY: as above.
         Err(_) => unsafe { libc::_exit(0) },
@@ -255,37 +240,29 @@ fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
-    match split_request_fds(fds, flag[0] != 0) {
-        Ok((link, status, model)) => adopt_descriptors(link, status, model, None),
+    let (has_status, has_model) = (
+        flags[0] & HANDOFF_STATUS != 0,
+        flags[0] & HANDOFF_MODEL != 0,
+    );
+    match WorkerFds::from_received(fds, has_status, has_model) {
+        Some(fds) => adopt_descriptors(fds, None),
         // SAFETY: as above.
-        Err(_) => unsafe { libc::_exit(3) },
+        None => unsafe { libc::_exit(3) },
     }
 }
 
-/// In a freshly forked child: arrange descriptors 2 (stderr, if given),
-/// 3 and 4 (the link's read and write ends), 5 (the status page) and 6 (the
-/// model), close everything else, and become a worker that dies with
-/// `parent_pid`.
-pub fn become_worker(
-    parent_pid: libc::pid_t,
-    link: LinkEnds,
-    status: OwnedFd,
-    model: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-) -> ! {
+/// In a freshly forked child: put `fds` at their fixed numbers (see
+/// [`WorkerFds`]) and `stderr`, if given, at 2, close everything else, and
+/// become a worker that dies with `parent_pid`.
+pub fn become_worker(parent_pid: libc::pid_t, fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
     sys::reset_signals_for_child();
     sys::die_with_parent(parent_pid);
-    adopt_descriptors(link, status, model, stderr)
+    adopt_descriptors(fds, stderr)
 }
 
 /// Puts a new worker's descriptors in place (see `become_worker`) and runs
 /// the worker.
-fn adopt_descriptors(
-    link: LinkEnds,
-    status: OwnedFd,
-    model: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-) -> ! {
+fn adopt_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
     // Move the kept descriptors high first so the dup2 calls cannot clobber them.
     let high = |fd: OwnedFd| -> RawFd {
         // SAFETY: F_DUPFD returns a new descriptor >= 100 that we own.
@@ -296,32 +273,36 @@ fn adopt_descriptors(
         }
         n
     };
-    let (read, write, status) = (high(link.read), high(link.write), high(status));
-    let model = model.map(high);
+    let (read, write) = (high(fds.link.read), high(fds.link.write));
+    let status = fds.status.map(high);
+    let model = fds.model.map(high);
     let err = stderr.map(high);
     let ok = err.is_none_or(|e| sys::dup_to(e, 2).is_ok())
         && sys::dup_to(read, 3).is_ok()
         && sys::dup_to(write, 4).is_ok()
-        && sys::dup_to(status, 5).is_ok()
+        && status.is_none_or(|s| sys::dup_to(s, 5).is_ok())
         && model.is_none_or(|m| sys::dup_to(m, 6).is_ok());
     if !ok {
         // SAFETY: as above.
         unsafe { libc::_exit(3) };
     }
+    if status.is_none() {
+        sys::close_range(5..=5);
+    }
     sys::close_from(if model.is_some() { 7 } else { 6 });
     // SAFETY: 3 and 4 now hold the link, 5 the status page and 6 the model
-    // store, owned by nobody else in this process.
-    let (link, status, model) = unsafe {
-        (
-            LinkEnds {
+    // store (each if present), owned by nobody else in this process.
+    let fds = unsafe {
+        WorkerFds {
+            link: sys::LinkEnds {
                 read: OwnedFd::from_raw_fd(3),
                 write: OwnedFd::from_raw_fd(4),
             },
-            OwnedFd::from_raw_fd(5),
-            model.map(|_| OwnedFd::from_raw_fd(6)),
-        )
+            status: status.map(|_| OwnedFd::from_raw_fd(5)),
+            model: model.map(|_| OwnedFd::from_raw_fd(6)),
+        }
     };
-    crate::task_loop::run(link, status, model)
+    crate::task_loop::run(fds)
 }
 
 /// Runs the fork server on the link `ctrl`. Never returns.
@@ -406,8 +387,12 @@ pub fn run(ctrl: OwnedFd) -> ! {
                     Ok(ZygoteRequest::Spawn {
                         request_id,
                         label,
+                        has_status,
                         has_model,
-                    }) => match start_worker(zygote_pid, fds, has_model, label, &mut spare) {
+                    }) => match WorkerFds::from_received(fds, has_status, has_model)
+                        .ok_or_else(|| "spawn request carried the wrong descriptors".to_string())
+                        .and_then(|fds| start_worker(zygote_pid, fds, label, &mut spare))
+                    {
                         // The worker tells its parent its pid itself.
                         Ok((pid, child)) => {
                             children.insert(pid, child);
