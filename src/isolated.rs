@@ -93,8 +93,10 @@ where
         }
     }
 
-    /// Stops the call after `limit`: SIGTERM, then SIGKILL half a second
-    /// later; the error says [`TaskError::is_timeout`].
+    /// Stops the call after `limit`, counted from when the process was
+    /// asked for (its start-up, well under a millisecond, counts): SIGTERM,
+    /// then SIGKILL half a second later; the error says
+    /// [`TaskError::is_timeout`].
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self
