@@ -1,6 +1,7 @@
 //! `StartMethod::Fork`: fork the worker straight from this process.
 
 use std::os::fd::BorrowedFd;
+use std::sync::Mutex;
 
 use procpool_worker::sys::LinkEnds;
 
@@ -16,12 +17,34 @@ pub(crate) fn thread_count() -> Option<usize> {
         .and_then(|n| n.trim().parse().ok())
 }
 
+/// Workers let go before they exited. A thread waiting for them would make
+/// this process multi-threaded and refuse the next fork, so they are reaped
+/// without waiting, at each fork and whenever another is let go.
+static UNREAPED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Reaps `pid` once it has exited, without waiting for it now.
+pub(super) fn reap_later(pid: u32) {
+    let mut unreaped = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    unreaped.push(pid);
+    reap_exited(&mut unreaped);
+}
+
+fn reap_exited(unreaped: &mut Vec<u32>) {
+    unreaped.retain(|&pid| {
+        let mut status = 0;
+        // SAFETY: a non-blocking wait for a child of ours nobody else reaps.
+        let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        ret == 0
+    });
+}
+
 pub(super) fn fork(
     _label: &str,
     link: LinkEnds,
     status: Option<BorrowedFd<'_>>,
     model: Option<BorrowedFd<'_>>,
 ) -> Result<(u32, Reaper), PoolError> {
+    reap_exited(&mut UNREAPED.lock().unwrap_or_else(|e| e.into_inner()));
     match thread_count() {
         Some(1) => {}
         Some(n) => {

@@ -46,7 +46,9 @@ impl StartMethod {
     ///
     /// The pool checks at each fork that the process has exactly one thread
     /// and refuses otherwise (a fork of a multi-threaded process may deadlock
-    /// on a lock another thread held).
+    /// on a lock another thread held). A program that uses only this method
+    /// should not call [`init`](crate::init): the fork server it starts is
+    /// read by a thread of this process, and forks would then be refused.
     ///
     /// # Safety
     ///
@@ -208,10 +210,13 @@ impl Reaper {
     }
 
     /// Like [`release`](Self::release), for a worker whose link is about to
-    /// close: a child of ours is reaped on a thread, off the caller's path.
+    /// close: a child of ours is reaped off the caller's path (on a thread,
+    /// or for a forked one, whose process must stay single-threaded, at a
+    /// later fork).
     pub fn release_later(self, pid: u32) {
         match self {
             Reaper::ForkServer(server) => server.forget(pid),
+            Reaper::Forked => fork::reap_later(pid),
             mut other => {
                 let _ = std::thread::Builder::new()
                     .name("procpool-reaper".into())
