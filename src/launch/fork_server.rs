@@ -50,6 +50,21 @@ pub(crate) fn get() -> Result<Arc<ForkServer>, PoolError> {
 }
 
 fn start() -> Result<Arc<ForkServer>, PoolError> {
+    if std::env::var_os("LD_BIND_NOW").is_some() {
+        return start_with(false);
+    }
+    match start_with(true) {
+        // A program can load a library with a symbol nothing defines, as
+        // long as nobody calls it: lazy binding never looks it up. Binding
+        // everything at start then fails, so start the server as the
+        // program itself started.
+        Err(e) if !e.is_build_mismatch() => start_with(false),
+        started => started,
+    }
+}
+
+/// Starts the fork server, with `LD_BIND_NOW` set for it if `bind_now`.
+fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
@@ -58,7 +73,7 @@ fn start() -> Result<Arc<ForkServer>, PoolError> {
     let their_fd = theirs.as_raw_fd();
     let mut command = Command::new("/proc/self/exe");
     command.stdin(Stdio::null());
-    if std::env::var_os("LD_BIND_NOW").is_none() {
+    if bind_now {
         // Bind every symbol once in the server rather than lazily in each
         // worker; the server takes the variable out of its environment.
         command.env("LD_BIND_NOW", "1").env(
