@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{
@@ -172,30 +172,47 @@ struct Worker {
     /// in its pipe from then on.
     launched_at: Instant,
     reader: FrameReader,
-    out: Vec<u8>,
-    out_pos: usize,
+    out: Outbox,
     in_flight: VecDeque<Batch>,
     reaper: Reaper,
     stopping: Option<Stopping>,
 }
 
+/// Frames for a worker that its pipe has not taken yet.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+impl Outbox {
+    fn has_output(&self) -> bool {
+        self.sent < self.bytes.len()
+    }
+
+    /// Sends as much as the pipe `fd` takes without blocking.
+    fn flush(&mut self, fd: RawFd) -> std::io::Result<()> {
+        while self.has_output() {
+            let n = sys::write_some(fd, &self.bytes[self.sent..])?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.sent += n;
+        }
+        self.bytes.clear();
+        self.sent = 0;
+        Ok(())
+    }
+}
+
 impl Worker {
     fn has_output(&self) -> bool {
-        self.out_pos < self.out.len()
+        self.out.has_output()
     }
 
     /// Sends as much pending output as the pipe takes without blocking.
     fn flush(&mut self) -> std::io::Result<()> {
-        while self.has_output() {
-            let n = sys::write_some(self.link.write.as_raw_fd(), &self.out[self.out_pos..])?;
-            if n == 0 {
-                return Ok(());
-            }
-            self.out_pos += n;
-        }
-        self.out.clear();
-        self.out_pos = 0;
-        Ok(())
+        self.out.flush(self.link.write.as_raw_fd())
     }
 
     /// Kills the worker and waits for how it ended.
@@ -334,11 +351,11 @@ impl Pool {
             unsent,
         } = launched;
         let mut reader = FrameReader::default();
-        let mut pending = Pending {
-            out: unsent,
-            pos: 0,
+        let mut out = Outbox {
+            bytes: unsent,
+            sent: 0,
         };
-        let result = match read_frame_timeout(&mut reader, &link, &mut pending, id) {
+        let result = match read_frame_timeout(&mut reader, &link, &mut out, id) {
             Ok((from_worker::READY, body)) => match postcard::from_bytes::<Ready>(&body) {
                 Ok(ready) if ready.fingerprint == procpool_worker::fnref::fingerprint() => {
                     Ok(ready.pid)
@@ -373,8 +390,7 @@ impl Pool {
                     status,
                     launched_at,
                     reader,
-                    out: pending.out,
-                    out_pos: pending.pos,
+                    out,
                     in_flight: VecDeque::new(),
                     reaper,
                     stopping: None,
@@ -481,20 +497,13 @@ impl Pool {
     }
 }
 
-/// Reads one frame, blocking up to the handshake timeout, re-emitting logs.
-/// Output for a worker that did not fit in its pipe yet.
-struct Pending {
-    out: Vec<u8>,
-    pos: usize,
-}
-
 /// Reads the next frame other than a log record (logs are re-emitted) from
 /// a new worker, sending it the rest of its first frames meanwhile, for at
 /// most [`HANDSHAKE_TIMEOUT`].
 fn read_frame_timeout(
     reader: &mut FrameReader,
     link: &LinkEnds,
-    pending: &mut Pending,
+    out: &mut Outbox,
     worker_id: u32,
 ) -> Result<(u8, Vec<u8>), PoolError> {
     let fd = link.read.as_raw_fd();
@@ -529,11 +538,7 @@ fn read_frame_timeout(
                 revents: 0,
             },
         ];
-        let watched = if pending.pos < pending.out.len() {
-            2
-        } else {
-            1
-        };
+        let watched = if out.has_output() { 2 } else { 1 };
         // SAFETY: `pollfds` is a valid array of at least `watched` entries.
         let n = unsafe { libc::poll(pollfds.as_mut_ptr(), watched, left_ms) };
         if n < 0 {
@@ -546,11 +551,9 @@ fn read_frame_timeout(
         if watched == 2 && pollfds[1].revents != 0 {
             // Writable, or the worker's read end is gone (then its link's
             // end of file follows on the read side).
-            match sys::write_some(link.write.as_raw_fd(), &pending.out[pending.pos..]) {
-                Ok(n) => pending.pos += n,
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                    pending.pos = pending.out.len();
-                }
+            match out.flush(link.write.as_raw_fd()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => *out = Outbox::default(),
                 Err(e) => return Err(PoolError::io("write to a worker", e)),
             }
         }
@@ -747,7 +750,7 @@ where
                 },
             };
             let worker = &mut self.pool.workers[slot];
-            batch.write_frame(self.root_seed, &mut worker.out);
+            batch.write_frame(self.root_seed, &mut worker.out.bytes);
             worker.in_flight.push_back(batch);
             // A broken link shows up as the worker's death at the next poll.
             let _ = worker.flush();

@@ -5,20 +5,13 @@
 //! One test per binary: it kills the fork server's idle children, which
 //! would break other tests' workers running at the same time.
 
+mod common;
+
+use common::parent_of;
 use std::time::{Duration, Instant};
 
 fn my_pid(_: ()) -> u32 {
     std::process::id()
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn children_of(parent: u32) -> Vec<u32> {

@@ -43,15 +43,6 @@ fn alive(pid: u32) -> bool {
 fn strays() -> Vec<u32> {
     let me = std::process::id();
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
-    let parent_of = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit(')')
-            .next()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

@@ -96,10 +96,12 @@ fn signals_and_exit_codes_are_reported() {
     assert_eq!(err.exit_code(), Some(7), "{err}");
 }
 
-#[test]
-fn memory_limit_failure_is_out_of_memory_with_the_stderr_tail() {
+/// An allocation past the memory limit, in a process started by `method`,
+/// is out-of-memory, with the stderr lines the process wrote before it.
+fn assert_out_of_memory_with_stderr_tail(method: procpool::StartMethod) {
     no_core_dumps();
     let err = procpool::Isolated::new(crash)
+        .start_method(method)
         .memory_limit(2 << 30)
         .run("oom".to_string())
         .unwrap_err();
@@ -112,19 +114,13 @@ fn memory_limit_failure_is_out_of_memory_with_the_stderr_tail() {
 }
 
 #[test]
+fn memory_limit_failure_is_out_of_memory_with_the_stderr_tail() {
+    assert_out_of_memory_with_stderr_tail(procpool::StartMethod::default());
+}
+
+#[test]
 fn a_spawned_process_reports_out_of_memory_with_its_stderr_tail_too() {
-    no_core_dumps();
-    let err = procpool::Isolated::new(crash)
-        .start_method(procpool::StartMethod::Spawn)
-        .memory_limit(2 << 30)
-        .run("oom".to_string())
-        .unwrap_err();
-    assert!(err.is_out_of_memory(), "{err}");
-    let tail = err.stderr_tail().unwrap();
-    assert!(
-        tail.contains("about to allocate too much") && tail.contains("memory allocation of"),
-        "{tail}"
-    );
+    assert_out_of_memory_with_stderr_tail(procpool::StartMethod::Spawn);
 }
 
 #[test]

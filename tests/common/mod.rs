@@ -32,6 +32,18 @@ pub fn panic_on_13(model: &ArchivedSmall, x: u64) -> u64 {
     x + model.offset.to_native()
 }
 
+/// The parent of process `pid`, from `/proc`; `None` once it is gone.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// One record a capturing logger saw.
 #[derive(Debug, Clone)]
 pub struct Captured {
