@@ -38,7 +38,8 @@ impl BatchSizer {
         self.current
     }
 
-    /// Argument bytes after which a batch is closed early.
+    /// Most argument bytes in one batch: an argument that would take a
+    /// batch past this starts the next one (alone, it may be larger).
     pub fn max_bytes(&self) -> usize {
         if self.fixed.is_some() {
             usize::MAX

@@ -230,7 +230,8 @@ impl TaskError {
     }
 
     /// True if the argument or the result could not cross the process
-    /// boundary (a serde error).
+    /// boundary: a serde error, or more than one message carries (2 GiB
+    /// for an argument, or for the results of one batch).
     pub fn is_serialization(&self) -> bool {
         matches!(
             *self.kind,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::TaskFailure;
+use procpool_worker::protocol::{MAX_ARGUMENT_BYTES, TaskFailure};
 use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
@@ -430,6 +430,12 @@ where
     R: Serialize + DeserializeOwned,
 {
     let items = match postcard::to_allocvec(&arg) {
+        // A pool could not send it: neither does this, so errors do not
+        // depend on n_jobs.
+        Ok(bytes) if bytes.len() > MAX_ARGUMENT_BYTES => {
+            let failure = TaskFailure::argument_too_large(bytes.len());
+            return Err(TaskError::from_failure(index, failure));
+        }
         Ok(bytes) => bytes,
         Err(e) => {
             return Err(TaskError::from_failure(

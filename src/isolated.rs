@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{Batch, Policy, Pool, PoolSpec, Run};
-use procpool_worker::protocol::TaskFailure;
+use crate::pool::{self, Policy, Pool, PoolSpec, Run};
+use procpool_worker::protocol::{MAX_ARGUMENT_BYTES, TaskFailure};
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
@@ -151,14 +151,19 @@ where
             (runner, self.func as usize),
             policy,
         );
-        let item = postcard::to_allocvec(&arg).map_err(|e| {
-            TaskError::from_failure(
-                index,
-                TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
-            )
-        })?;
-        let batch = Batch::single(index, item);
-        let mut pool = Pool::start_with_batch(spec, batch, root_seed)
+        let encode = |out: &mut Vec<u8>| {
+            pool::task_frame(out, index, root_seed, |out| {
+                let mark = out.len();
+                let encoded = postcard::to_io(&arg, &mut *out).map(drop);
+                let failure = match encoded {
+                    Ok(()) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
+                    Ok(()) => TaskFailure::argument_too_large(out.len() - mark),
+                    Err(e) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+                };
+                Err(TaskError::from_failure(index, failure))
+            })
+        };
+        let mut pool = Pool::start_with_task(spec, index, encode)?
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));
         let outcome = {

@@ -12,7 +12,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use procpool_worker::protocol::{
-    BUILD_MISMATCH, LogRecord, RESULTS_HEADER, Ready, Setup, TaskFailure, from_worker, to_worker,
+    BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup, TaskFailure,
+    from_worker, to_worker,
 };
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
@@ -105,15 +106,6 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// One task: `index` with its encoded argument.
-    pub fn single(index: u64, item: Vec<u8>) -> Batch {
-        Batch {
-            first_index: index,
-            offsets: vec![0],
-            items: item,
-        }
-    }
-
     fn count(&self) -> u32 {
         self.offsets.len() as u32
     }
@@ -151,6 +143,23 @@ impl Batch {
         out.extend_from_slice(&self.items);
         sys::end_frame(out, start);
     }
+}
+
+/// Appends to `out` a BATCH frame of one task, `index`, whose argument
+/// `encode` writes in place (so a large one is copied no more than needed).
+pub(crate) fn task_frame<E>(
+    out: &mut Vec<u8>,
+    index: u64,
+    root_seed: u64,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let start = sys::begin_frame(out, to_worker::BATCH);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&root_seed.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    encode(out)?;
+    sys::end_frame(out, start);
+    Ok(())
 }
 
 /// Why we are stopping a worker, if we are.
@@ -198,6 +207,9 @@ impl Outbox {
                 return Ok(());
             }
             self.sent += n;
+        }
+        if self.bytes.capacity() > sys::RETAINED_BUFFER_BYTES {
+            self.bytes = Vec::new();
         }
         self.bytes.clear();
         self.sent = 0;
@@ -273,14 +285,16 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 impl Pool {
-    /// Starts one worker with `batch` already waiting in its pipe behind
-    /// its setup, so the task runs without a round trip more (an isolated
-    /// call, whose only task is known before the process exists).
-    pub fn start_with_batch(
+    /// Starts one worker whose only task (index `index`) is already waiting
+    /// in its pipe behind its setup, so it runs without a round trip more:
+    /// an isolated call, whose task is known before the process exists.
+    /// `write_task` appends the task's BATCH frame ([`task_frame`]) to the
+    /// setup frame, so a large argument is encoded once, in place.
+    pub fn start_with_task<E>(
         spec: PoolSpec,
-        batch: Batch,
-        root_seed: u64,
-    ) -> Result<Pool, PoolError> {
+        index: u64,
+        write_task: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<Result<Pool, PoolError>, E> {
         debug_assert_eq!(spec.n_jobs, 1);
         let mut spec = spec;
         // Nothing follows the batch: the worker may exit as soon as it has
@@ -291,13 +305,24 @@ impl Pool {
             workers: Vec::new(),
             next_worker_id: 0,
         };
-        let mut frame = Vec::new();
-        batch.write_frame(root_seed, &mut frame);
-        let (id, launched) = pool.launch_one(&frame)?;
-        let mut worker = pool.handshake(id, launched)?;
-        worker.in_flight.push_back(batch);
-        pool.workers.push(worker);
-        Ok(pool)
+        let id = pool.next_worker_id;
+        let mut frames = match pool.setup_frame(id) {
+            Ok(frames) => frames,
+            Err(e) => return Ok(Err(e)),
+        };
+        write_task(&mut frames)?;
+        Ok(pool.launch_one(frames).and_then(|(id, launched)| {
+            let mut worker = pool.handshake(id, launched)?;
+            // The argument went out and is not kept: an isolated call is
+            // never retried, so only the task's index is needed here.
+            worker.in_flight.push_back(Batch {
+                first_index: index,
+                offsets: vec![0],
+                items: Vec::new(),
+            });
+            pool.workers.push(worker);
+            Ok(pool)
+        }))
     }
 
     /// Starts `spec.n_jobs` workers and completes their handshakes.
@@ -310,7 +335,8 @@ impl Pool {
         // Launch all first so they start up side by side, then shake hands.
         let mut launched = Vec::new();
         for _ in 0..pool.spec.n_jobs {
-            launched.push(pool.launch_one(&[])?);
+            let frames = pool.setup_frame(pool.next_worker_id)?;
+            launched.push(pool.launch_one(frames)?);
         }
         for (id, worker) in launched {
             let worker = pool.handshake(id, worker)?;
@@ -319,24 +345,29 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Launches a worker whose pipe holds its setup, then `preload`.
-    fn launch_one(&mut self, preload: &[u8]) -> Result<(u32, launch::Launched), PoolError> {
-        let id = self.next_worker_id;
-        self.next_worker_id += 1;
-        let label = format!("[procpool worker {id}] ");
+    /// The SETUP frame of the worker with id `id`.
+    fn setup_frame(&self, id: u32) -> Result<Vec<u8>, PoolError> {
         let mut setup = self.spec.setup.clone();
         setup.worker_id = id;
         let body = postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
         let mut frame = Vec::new();
         sys::push_frame(&mut frame, to_worker::SETUP, &body);
-        frame.extend_from_slice(preload);
+        Ok(frame)
+    }
+
+    /// Launches the next worker with `frames` (its setup, perhaps followed
+    /// by a batch) waiting in its pipe.
+    fn launch_one(&mut self, frames: Vec<u8>) -> Result<(u32, launch::Launched), PoolError> {
+        let id = self.next_worker_id;
+        self.next_worker_id += 1;
+        let label = format!("[procpool worker {id}] ");
         let model = self.spec.model.as_ref().map(|m| m.as_fd());
         let purpose = if self.spec.setup.one_batch {
             launch::Purpose::Isolated
         } else {
             launch::Purpose::Pool
         };
-        let launched = launch::launch(self.spec.method, purpose, &label, &frame, model)?;
+        let launched = launch::launch(self.spec.method, purpose, &label, frames, model)?;
         Ok((id, launched))
     }
 
@@ -348,12 +379,13 @@ impl Pool {
             link,
             status,
             mut reaper,
-            unsent,
+            first_frames,
+            first_sent,
         } = launched;
         let mut reader = FrameReader::default();
         let mut out = Outbox {
-            bytes: unsent,
-            sent: 0,
+            bytes: first_frames,
+            sent: first_sent,
         };
         let result = match read_frame_timeout(&mut reader, &link, &mut out, id) {
             Ok((from_worker::READY, body)) => match postcard::from_bytes::<Ready>(&body) {
@@ -428,7 +460,8 @@ impl Pool {
         }
         let (id, pid) = (self.workers[slot].id, self.workers[slot].pid);
         match self
-            .launch_one(&[])
+            .setup_frame(self.next_worker_id)
+            .and_then(|frames| self.launch_one(frames))
             .and_then(|(id, launched)| self.handshake(id, launched))
         {
             Ok(worker) => self.workers[slot] = worker,
@@ -625,8 +658,9 @@ where
     next_index: u64,
     root_seed: u64,
     collector: Collector<R>,
-    /// Tasks to run again because a worker died holding them.
-    retry: VecDeque<Batch>,
+    /// Batches that go out before new input: tasks to run again because a
+    /// worker died holding them, and an argument too large to share a batch.
+    queued: VecDeque<Batch>,
     /// Deaths each task has caused (only tasks that caused one).
     deaths: HashMap<u64, u32>,
     fail_fast: bool,
@@ -668,7 +702,7 @@ where
             next_index: first_index,
             root_seed,
             collector,
-            retry: VecDeque::new(),
+            queued: VecDeque::new(),
             deaths: HashMap::new(),
             fail_fast,
             stopped: false,
@@ -703,7 +737,7 @@ where
                 return Some(result);
             }
             if !self.in_flight() {
-                if self.exhausted && self.retry.is_empty() {
+                if self.exhausted && self.queued.is_empty() {
                     return None;
                 }
                 if self.pool.workers.is_empty() {
@@ -718,7 +752,7 @@ where
     /// No worker runs and none could be started: fail what is left, one by one.
     fn fail_without_workers(&mut self) -> Option<(u64, Result<R, TaskError>)> {
         let msg = "no worker is running and none could be started";
-        if let Some(batch) = self.retry.pop_front() {
+        if let Some(batch) = self.queued.pop_front() {
             for i in 0..u64::from(batch.count()) {
                 let index = batch.first_index + i;
                 self.collector.put(index, Err(TaskError::pool(index, msg)));
@@ -741,7 +775,7 @@ where
             else {
                 return;
             };
-            let batch = match self.retry.pop_front() {
+            let batch = match self.queued.pop_front() {
                 Some(batch) => batch,
                 None if self.exhausted => return,
                 None => match self.build_batch() {
@@ -774,13 +808,32 @@ where
             let mark = batch.items.len();
             let index = self.next_index;
             self.next_index += 1;
-            if let Err(e) = postcard::to_io(&item, &mut batch.items) {
+            let encoded = postcard::to_io(&item, &mut batch.items).map(drop);
+            let failure = match encoded {
+                Ok(()) if batch.items.len() - mark > MAX_ARGUMENT_BYTES => {
+                    Some(TaskFailure::argument_too_large(batch.items.len() - mark))
+                }
+                Ok(()) => None,
+                Err(e) => Some(TaskFailure::BadArgument(format!(
+                    "cannot encode argument: {e}"
+                ))),
+            };
+            if let Some(failure) = failure {
                 // This argument cannot be sent: it fails alone, and the batch
                 // so far goes out without it.
                 batch.items.truncate(mark);
-                let failure = TaskFailure::BadArgument(format!("cannot encode argument: {e}"));
                 self.collector
                     .put(index, Err(TaskError::from_failure(index, failure)));
+                break;
+            }
+            if mark > 0 && batch.items.len() > max_bytes.min(MAX_ARGUMENT_BYTES) {
+                // It would take the batch past its byte limit (or past what
+                // a message carries): it starts the next batch instead.
+                self.queued.push_back(Batch {
+                    first_index: index,
+                    offsets: vec![0],
+                    items: batch.items.split_off(mark),
+                });
                 break;
             }
             batch.offsets.push(mark as u32);
@@ -1002,13 +1055,13 @@ where
                     // held counts a death, so a pool cannot loop forever.
                     self.blame_all(batch, id, pid, &ended);
                 } else {
-                    self.retry.push_back(batch);
+                    self.queued.push_back(batch);
                 }
                 continue;
             };
             let at = (c - batch.first_index) as usize;
             if at > 0 {
-                self.retry.push_back(batch.slice(0..at));
+                self.queued.push_back(batch.slice(0..at));
             }
             let deaths = self.deaths.entry(c).or_insert(0);
             *deaths += 1;
@@ -1020,10 +1073,10 @@ where
                 self.collector.put(c, Err(err));
             } else {
                 // Once more, alone, so a second death names it for certain.
-                self.retry.push_front(batch.slice(at..at + 1));
+                self.queued.push_front(batch.slice(at..at + 1));
             }
             if at + 1 < n {
-                self.retry.push_back(batch.slice(at + 1..n));
+                self.queued.push_back(batch.slice(at + 1..n));
             }
         }
         self.pool.replace(slot);
@@ -1051,7 +1104,7 @@ where
             }
         }
         for i in again {
-            self.retry.push_back(batch.slice(i..i + 1));
+            self.queued.push_back(batch.slice(i..i + 1));
         }
     }
 
@@ -1059,7 +1112,7 @@ where
     /// nothing more is sent.
     fn cancel(&mut self) {
         self.exhausted = true;
-        self.retry.clear();
+        self.queued.clear();
         for slot in (0..self.pool.workers.len()).rev() {
             let worker = &mut self.pool.workers[slot];
             if worker.in_flight.is_empty() {

@@ -68,7 +68,7 @@ pub(crate) enum Purpose {
     /// says which task of a batch it runs.
     Pool,
     /// One batch of one task (an isolated call): nothing to tell apart, so
-    /// no status page, and default pipes.
+    /// no status page, and default pipes unless its first frames need more.
     Isolated,
 }
 
@@ -80,9 +80,10 @@ pub(crate) struct Launched {
     pub link: LinkEnds,
     pub status: Option<StatusPage>,
     pub reaper: Reaper,
-    /// The part of the first frames that did not fit in the pipe before the
-    /// worker existed; it goes out as the worker reads.
-    pub unsent: Vec<u8>,
+    /// The first frames, of which the pipe took the first `first_sent`
+    /// bytes before the worker existed; the rest goes out as it reads.
+    pub first_frames: Vec<u8>,
+    pub first_sent: usize,
 }
 
 /// How a worker ended, with the last lines it wrote to stderr when known.
@@ -309,28 +310,29 @@ impl Reaper {
 
 /// Starts one worker with `method` for `purpose`, giving it the model store
 /// `model`, with `first_frames` (its setup, and perhaps a batch) waiting in
-/// its pipe.
+/// its pipe. They are taken by value: an isolated call's argument may be
+/// large, and what the pipe does not take yet waits in them.
 pub(crate) fn launch(
     method: StartMethod,
     purpose: Purpose,
     label: &str,
-    first_frames: &[u8],
+    first_frames: Vec<u8>,
     model: Option<BorrowedFd<'_>>,
 ) -> Result<Launched, PoolError> {
     use std::os::fd::{AsFd, AsRawFd};
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
-    let (ours, theirs) = sys::link_pair(purpose == Purpose::Pool)
-        .map_err(|e| PoolError::io("create a worker link", e))?;
+    let large = purpose == Purpose::Pool || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
+    let (ours, theirs) =
+        sys::link_pair(large).map_err(|e| PoolError::io("create a worker link", e))?;
     // The frames wait in the pipe, so the worker finds them the moment it
     // starts. What does not fit waits for the worker to read: a blocking
     // write here would wait for a reader that does not exist yet.
     sys::set_nonblocking(ours.write.as_raw_fd(), true)
         .map_err(|e| PoolError::io("configure a worker link", e))?;
-    let written = sys::write_some(ours.write.as_raw_fd(), first_frames)
+    let first_sent = sys::write_some(ours.write.as_raw_fd(), &first_frames)
         .map_err(|e| PoolError::io("write a worker's setup", e))?;
-    let unsent = first_frames[written..].to_vec();
     let status = match purpose {
         Purpose::Pool => {
             Some(StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?)
@@ -358,6 +360,7 @@ pub(crate) fn launch(
         link: ours,
         status,
         reaper,
-        unsent,
+        first_frames,
+        first_sent,
     })
 }

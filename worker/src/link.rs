@@ -3,11 +3,14 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::sys;
 
 static LINK: OnceLock<Mutex<RawFd>> = OnceLock::new();
+/// Whether the link's pipe was made large (for a frame that would not fit).
+static GROWN: AtomicBool = AtomicBool::new(false);
 
 /// Makes `fd` (the write end of the link) where every later frame goes.
 pub fn set(fd: RawFd) {
@@ -33,5 +36,10 @@ pub fn send_raw(bytes: &[u8]) -> io::Result<()> {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     };
+    // An isolated call's pipe has the default size, which suits small
+    // results; a large one would cost a wakeup of both sides per pipeful.
+    if bytes.len() > sys::DEFAULT_PIPE_BYTES && !GROWN.swap(true, Ordering::Relaxed) {
+        sys::grow_pipe(*fd);
+    }
     sys::write_all(*fd, bytes)
 }

@@ -34,6 +34,22 @@ pub const BATCH_HEADER: usize = 8 + 8 + 4;
 /// Byte length of the fixed part of a results body.
 pub const RESULTS_HEADER: usize = 8 + 4 + 8;
 
+/// Most bytes one encoded argument may take: a batch of that task alone
+/// must fit in a frame.
+pub const MAX_ARGUMENT_BYTES: usize = crate::sys::MAX_FRAME - 1 - BATCH_HEADER;
+/// Most bytes the encoded outcomes of one batch may take together.
+pub const MAX_RESULTS_BYTES: usize = crate::sys::MAX_FRAME - 1 - RESULTS_HEADER;
+
+impl TaskFailure {
+    /// The failure of a task whose argument encodes to `size` bytes, more
+    /// than one message carries.
+    pub fn argument_too_large(size: usize) -> TaskFailure {
+        TaskFailure::BadArgument(format!(
+            "argument too large to send: {size} bytes encoded, at most {MAX_ARGUMENT_BYTES}"
+        ))
+    }
+}
+
 /// A worker's answer to its setup: it is ready for batches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ready {

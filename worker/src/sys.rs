@@ -5,9 +5,13 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Largest frame either side accepts; a bigger length prefix means a
-/// corrupted stream, not a big message.
+/// Largest frame either side sends or accepts: a bigger length prefix
+/// means a corrupted stream. Arguments and results that would not fit are
+/// refused with a task error before they are sent.
 pub const MAX_FRAME: usize = 1 << 31;
+/// Largest buffer kept for reuse once empty: one rare huge frame should not
+/// hold its memory for the life of the process.
+pub const RETAINED_BUFFER_BYTES: usize = 64 << 20;
 
 /// Most descriptors one datagram on the fork-server link carries.
 pub const MAX_FDS: usize = 4;
@@ -137,18 +141,20 @@ impl WorkerFds {
 /// `/proc/sys/fs/pipe-max-size`); larger frames simply take several wakeups.
 pub const LINK_PIPE_BYTES: libc::c_int = 1 << 20;
 
+/// Bytes a new pipe holds (Linux's default): a frame larger than this takes
+/// a wakeup of both processes per pipeful, so links carrying one grow first.
+pub const DEFAULT_PIPE_BYTES: usize = 64 << 10;
+
 /// A new link: `(parent's ends, worker's ends)`, all close-on-exec. With
-/// `large`, each pipe holds [`LINK_PIPE_BYTES`] (for a pool's batches);
-/// otherwise the system's default (64 KiB), which costs less to set up.
+/// `large`, each pipe holds [`LINK_PIPE_BYTES`] (for a pool's batches, or
+/// first frames that would not fit); otherwise the system's default, which
+/// costs less to set up.
 pub fn link_pair(large: bool) -> io::Result<(LinkEnds, LinkEnds)> {
     let (to_worker_read, to_worker_write) = pipe()?;
     let (from_worker_read, from_worker_write) = pipe()?;
     if large {
-        for fd in [&to_worker_write, &from_worker_write] {
-            // SAFETY: F_SETPIPE_SZ only resizes the pipe's buffer; failure (a
-            // lower system limit) leaves the default size, which still works.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, LINK_PIPE_BYTES) };
-        }
+        grow_pipe(to_worker_write.as_raw_fd());
+        grow_pipe(from_worker_write.as_raw_fd());
     }
     Ok((
         LinkEnds {
@@ -160,6 +166,13 @@ pub fn link_pair(large: bool) -> io::Result<(LinkEnds, LinkEnds)> {
             write: from_worker_write,
         },
     ))
+}
+
+/// Makes the pipe of `fd` (either end) hold [`LINK_PIPE_BYTES`].
+pub fn grow_pipe(fd: RawFd) {
+    // SAFETY: F_SETPIPE_SZ only resizes the pipe's buffer; failure (a lower
+    // system limit) leaves the size it had, which still works, only slower.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, LINK_PIPE_BYTES) };
 }
 
 /// Writes all of `buf` (blocking descriptors only). A closed reader gives
@@ -237,6 +250,9 @@ impl FrameReader {
     /// Reads what `fd` has into the buffer; blocks only if `fd` does.
     pub fn fill(&mut self, fd: RawFd) -> io::Result<ReadStatus> {
         if self.start > 0 && self.start == self.buf.len() {
+            if self.buf.capacity() > RETAINED_BUFFER_BYTES {
+                self.buf = Vec::new();
+            }
             self.buf.clear();
             self.start = 0;
         } else if self.start > (1 << 20) && self.start * 2 > self.buf.len() {
@@ -272,6 +288,10 @@ impl FrameReader {
             return 4 - avail.len();
         }
         let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len == 0 || len > MAX_FRAME {
+            // Nothing more to wait for: `next_frame` reports the bad length.
+            return 0;
+        }
         (len + 4).saturating_sub(avail.len())
     }
 
@@ -302,16 +322,15 @@ impl FrameReader {
         Ok(Some((self.buf[begin], &self.buf[begin + 1..begin + len])))
     }
 
-    /// Blocks until a whole frame is there; `None` when the peer closed first.
-    pub fn read_frame(&mut self, fd: RawFd) -> io::Result<Option<(u8, Vec<u8>)>> {
-        loop {
-            if let Some((tag, body)) = self.next_frame()? {
-                return Ok(Some((tag, body.to_vec())));
-            }
+    /// Blocks until a whole frame is there and returns it, borrowed from the
+    /// buffer; `None` when the peer closed first.
+    pub fn read_frame(&mut self, fd: RawFd) -> io::Result<Option<(u8, &[u8])>> {
+        while !self.has_frame() {
             if self.fill(fd)? == ReadStatus::Closed {
                 return Ok(None);
             }
         }
+        self.next_frame()
     }
 }
 

@@ -13,7 +13,7 @@ use rkyv::rancor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::TaskFailure;
+use crate::protocol::{MAX_RESULTS_BYTES, TaskFailure};
 
 /// A batch as it arrives: where it starts, its seed root, and its arguments.
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +96,7 @@ where
     R: Serialize,
 {
     install_panic_hook();
+    let base = out.len();
     let mut rest = batch.items;
     let mut decode_error: Option<String> = None;
     for i in 0..batch.count as u64 {
@@ -115,22 +116,31 @@ where
                 }
             },
         };
-        encode_outcome(&outcome, out);
+        encode_outcome(&outcome, out, base);
     }
     CURRENT.with(|c| c.set(None));
 }
 
-/// Appends one encoded outcome; if `R` cannot be encoded, the partial bytes
-/// are dropped and a [`TaskFailure::BadResult`] takes their place.
-fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<u8>) {
+/// Appends one encoded outcome to the outcomes that start at `base` in
+/// `out`. If `R` cannot be encoded, or would take the batch's outcomes past
+/// what one message carries, the partial bytes are dropped and a
+/// [`TaskFailure::BadResult`] takes their place.
+fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<u8>, base: usize) {
     let mark = out.len();
-    if let Err(e) = postcard::to_io(outcome, &mut *out) {
-        out.truncate(mark);
-        let failure: Result<(), TaskFailure> =
-            Err(TaskFailure::BadResult(format!("cannot encode result: {e}")));
-        // Encoding a plain enum of strings into a Vec cannot fail.
-        let _ = postcard::to_io(&failure, &mut *out);
-    }
+    let encoded = postcard::to_io(outcome, &mut *out).map(drop);
+    let failure = match encoded {
+        Ok(()) if out.len() - base <= MAX_RESULTS_BYTES => return,
+        Ok(()) => format!(
+            "result too large to send: {} bytes encoded, at most {} for a batch's results",
+            out.len() - mark,
+            MAX_RESULTS_BYTES - (mark - base)
+        ),
+        Err(e) => format!("cannot encode result: {e}"),
+    };
+    out.truncate(mark);
+    let failure: Result<(), TaskFailure> = Err(TaskFailure::BadResult(failure));
+    // Encoding a plain enum of strings into a Vec cannot fail.
+    let _ = postcard::to_io(&failure, &mut *out);
 }
 
 fn call_one<A, R>(

@@ -106,7 +106,7 @@ pub fn run(fds: WorkerFds) -> ! {
     // The parent wrote the setup into the pipe before this process existed.
     let mut reader = FrameReader::default();
     let setup: Setup = match reader.read_frame(fd) {
-        Ok(Some((to_worker::SETUP, body))) => match postcard::from_bytes(&body) {
+        Ok(Some((to_worker::SETUP, body))) => match postcard::from_bytes(body) {
             Ok(s) => s,
             Err(e) => fatal(format!("cannot decode setup: {e}")),
         },
@@ -185,8 +185,8 @@ pub fn run(fds: WorkerFds) -> ! {
         match tag {
             to_worker::BATCH if body.len() >= BATCH_HEADER => {
                 let batch = BatchView {
-                    first_index: le_u64(&body, 0),
-                    root_seed: le_u64(&body, 8),
+                    first_index: le_u64(body, 0),
+                    root_seed: le_u64(body, 8),
                     count: u32::from_le_bytes([body[16], body[17], body[18], body[19]]),
                     items: &body[BATCH_HEADER..],
                 };
@@ -208,7 +208,7 @@ pub fn run(fds: WorkerFds) -> ! {
                 if link::send_raw(&out).is_err() || setup.one_batch {
                     leave(0);
                 }
-                if out.capacity() > (64 << 20) {
+                if out.capacity() > sys::RETAINED_BUFFER_BYTES {
                     out = Vec::new();
                 }
             }
