@@ -65,7 +65,13 @@ fn a_result_over_2_gib_fails_alone_and_the_worker_lives_on() {
     let store = procpool::persist(&NoModel { unused: 0 }).unwrap();
     for n_jobs in [1, 2] {
         let mut inv = procpool::invoker(&store, make, n_jobs).unwrap();
+        let pids = inv.worker_pids();
         let results: Vec<_> = inv.map([5, 2 * GIB, 7]).collect();
+        assert_eq!(
+            inv.worker_pids(),
+            pids,
+            "n_jobs = {n_jobs}: a worker was replaced"
+        );
         assert_eq!(results[0].as_ref().unwrap().len(), 5, "n_jobs = {n_jobs}");
         assert_eq!(results[2].as_ref().unwrap().len(), 7, "n_jobs = {n_jobs}");
         let err = results[1].as_ref().unwrap_err();
