@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::{MAX_ARGUMENT_BYTES, TaskFailure};
+use procpool_worker::protocol::TaskFailure;
 use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
@@ -429,21 +429,12 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let items = match postcard::to_allocvec(&arg) {
-        // A pool could not send it: neither does this, so errors do not
-        // depend on n_jobs.
-        Ok(bytes) if bytes.len() > MAX_ARGUMENT_BYTES => {
-            let failure = TaskFailure::argument_too_large(bytes.len());
-            return Err(TaskError::from_failure(index, failure));
-        }
-        Ok(bytes) => bytes,
-        Err(e) => {
-            return Err(TaskError::from_failure(
-                index,
-                TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
-            ));
-        }
-    };
+    // A pool could not send what this refuses either, so errors do not
+    // depend on n_jobs.
+    let mut items = Vec::new();
+    if let Err(failure) = crate::pool::encode_argument(&arg, &mut items) {
+        return Err(TaskError::from_failure(index, failure));
+    }
     let mut out = Vec::new();
     let batch = BatchView {
         first_index: index,

@@ -11,8 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{self, Policy, Pool, PoolSpec, Run};
-use procpool_worker::protocol::{MAX_ARGUMENT_BYTES, TaskFailure};
+use crate::pool::{Policy, Pool, PoolSpec, Run};
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
@@ -151,19 +150,8 @@ where
             (runner, self.func as usize),
             policy,
         );
-        let encode = |out: &mut Vec<u8>| {
-            pool::task_frame(out, index, root_seed, |out| {
-                let mark = out.len();
-                let encoded = postcard::to_io(&arg, &mut *out).map(drop);
-                let failure = match encoded {
-                    Ok(()) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
-                    Ok(()) => TaskFailure::argument_too_large(out.len() - mark),
-                    Err(e) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
-                };
-                Err(TaskError::from_failure(index, failure))
-            })
-        };
-        let mut pool = Pool::start_with_task(spec, index, encode)?
+        let mut pool = Pool::start_with_task(spec, index, root_seed, &arg)
+            .map_err(|failure| TaskError::from_failure(index, failure))?
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));
         let outcome = {

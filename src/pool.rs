@@ -136,28 +136,50 @@ impl Batch {
 
     /// Appends this batch to `out` as a BATCH frame.
     fn write_frame(&self, root_seed: u64, out: &mut Vec<u8>) {
-        let start = sys::begin_frame(out, to_worker::BATCH);
-        out.extend_from_slice(&self.first_index.to_le_bytes());
-        out.extend_from_slice(&root_seed.to_le_bytes());
-        out.extend_from_slice(&self.count().to_le_bytes());
+        let start = begin_batch_frame(out, self.first_index, root_seed, self.count());
         out.extend_from_slice(&self.items);
         sys::end_frame(out, start);
     }
 }
 
-/// Appends to `out` a BATCH frame of one task, `index`, whose argument
-/// `encode` writes in place (so a large one is copied no more than needed).
-pub(crate) fn task_frame<E>(
+/// Appends the tag and header of a BATCH frame; returns where it starts.
+fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count: u32) -> usize {
+    let start = sys::begin_frame(out, to_worker::BATCH);
+    out.extend_from_slice(&first_index.to_le_bytes());
+    out.extend_from_slice(&root_seed.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    start
+}
+
+/// Appends `arg`, encoded, to `out`; if it cannot be encoded or is larger
+/// than one message carries, `out` is left as it was and the task's failure
+/// is returned. The same check for every `n_jobs`, pool or isolated call.
+pub(crate) fn encode_argument<A: Serialize>(arg: &A, out: &mut Vec<u8>) -> Result<(), TaskFailure> {
+    let mark = out.len();
+    let encoded = postcard::to_io(arg, &mut *out).map(drop);
+    let failure = match encoded {
+        Ok(()) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
+        Ok(()) => TaskFailure::argument_too_large(out.len() - mark),
+        Err(e) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+    };
+    out.truncate(mark);
+    Err(failure)
+}
+
+/// Appends to `out` a BATCH frame of one task, `index`, with `arg` encoded
+/// in place (so a large one is copied no more than needed); on failure `out`
+/// is left as it was.
+fn task_frame<A: Serialize>(
     out: &mut Vec<u8>,
     index: u64,
     root_seed: u64,
-    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
-) -> Result<(), E> {
-    let start = sys::begin_frame(out, to_worker::BATCH);
-    out.extend_from_slice(&index.to_le_bytes());
-    out.extend_from_slice(&root_seed.to_le_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes());
-    encode(out)?;
+    arg: &A,
+) -> Result<(), TaskFailure> {
+    let start = begin_batch_frame(out, index, root_seed, 1);
+    if let Err(failure) = encode_argument(arg, out) {
+        out.truncate(start);
+        return Err(failure);
+    }
     sys::end_frame(out, start);
     Ok(())
 }
@@ -288,13 +310,14 @@ impl Pool {
     /// Starts one worker whose only task (index `index`) is already waiting
     /// in its pipe behind its setup, so it runs without a round trip more:
     /// an isolated call, whose task is known before the process exists.
-    /// `write_task` appends the task's BATCH frame ([`task_frame`]) to the
-    /// setup frame, so a large argument is encoded once, in place.
-    pub fn start_with_task<E>(
+    /// `arg` is encoded once, in place, behind the setup frame; if it cannot
+    /// be sent, no process is started and its failure is returned.
+    pub fn start_with_task<A: Serialize>(
         spec: PoolSpec,
         index: u64,
-        write_task: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
-    ) -> Result<Result<Pool, PoolError>, E> {
+        root_seed: u64,
+        arg: &A,
+    ) -> Result<Result<Pool, PoolError>, TaskFailure> {
         debug_assert_eq!(spec.n_jobs, 1);
         let mut spec = spec;
         // Nothing follows the batch: the worker may exit as soon as it has
@@ -310,7 +333,7 @@ impl Pool {
             Ok(frames) => frames,
             Err(e) => return Ok(Err(e)),
         };
-        write_task(&mut frames)?;
+        task_frame(&mut frames, index, root_seed, arg)?;
         Ok(pool.launch_one(frames).and_then(|(id, launched)| {
             let mut worker = pool.handshake(id, launched)?;
             // The argument went out and is not kept: an isolated call is
@@ -808,20 +831,9 @@ where
             let mark = batch.items.len();
             let index = self.next_index;
             self.next_index += 1;
-            let encoded = postcard::to_io(&item, &mut batch.items).map(drop);
-            let failure = match encoded {
-                Ok(()) if batch.items.len() - mark > MAX_ARGUMENT_BYTES => {
-                    Some(TaskFailure::argument_too_large(batch.items.len() - mark))
-                }
-                Ok(()) => None,
-                Err(e) => Some(TaskFailure::BadArgument(format!(
-                    "cannot encode argument: {e}"
-                ))),
-            };
-            if let Some(failure) = failure {
+            if let Err(failure) = encode_argument(&item, &mut batch.items) {
                 // This argument cannot be sent: it fails alone, and the batch
                 // so far goes out without it.
-                batch.items.truncate(mark);
                 self.collector
                     .put(index, Err(TaskError::from_failure(index, failure)));
                 break;
