@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::TaskFailure;
+use procpool_worker::protocol::{MAX_BATCH_TASKS, TaskFailure};
 use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
@@ -138,7 +138,8 @@ where
         self
     }
 
-    /// Tasks per batch, instead of automatic sizing.
+    /// Tasks per batch, instead of automatic sizing: from 1 to 16,777,216
+    /// (2^24).
     pub fn chunk_size(mut self, chunk_size: usize) -> Self {
         self.chunk_size = Some(chunk_size);
         self
@@ -188,7 +189,8 @@ where
     ///
     /// # Errors
     ///
-    /// Fails if `n_jobs` or `chunk_size` is 0, `PROCPOOL_SEED` or
+    /// Fails if `n_jobs` or `chunk_size` is 0, `chunk_size` is over
+    /// 16,777,216 (2^24) tasks, `PROCPOOL_SEED` or
     /// `PROCPOOL_NUM_PROCS` is malformed, or the workers cannot be started.
     pub fn build(self) -> Result<Invoker<M, A, R>, PoolError> {
         let n_jobs = match self.n_jobs {
@@ -196,8 +198,14 @@ where
             Some(n) => n,
             None => crate::config::proc_count(2, Some(4), 0)?,
         };
-        if self.chunk_size == Some(0) {
-            return Err(PoolError::refused("chunk_size must be at least 1"));
+        match self.chunk_size {
+            Some(0) => return Err(PoolError::refused("chunk_size must be at least 1")),
+            Some(n) if n > MAX_BATCH_TASKS => {
+                return Err(PoolError::refused(format!(
+                    "chunk_size must be at most {MAX_BATCH_TASKS}, got {n}"
+                )));
+            }
+            _ => {}
         }
         if self.max_tries == 0 {
             return Err(PoolError::refused("max_tries must be at least 1"));

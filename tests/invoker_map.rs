@@ -156,6 +156,21 @@ fn bad_settings_are_errors() {
         .build()
         .unwrap_err();
     assert_eq!(err.to_string(), "chunk_size must be at least 1");
+    let err = procpool::InvokerBuilder::new(&store, add_offset)
+        .n_jobs(1)
+        .chunk_size((1 << 24) + 1)
+        .build()
+        .unwrap_err();
+    assert!(err.is_refused());
+    assert_eq!(
+        err.to_string(),
+        "chunk_size must be at most 16777216, got 16777217"
+    );
+    let fine = procpool::InvokerBuilder::new(&store, add_offset)
+        .n_jobs(1)
+        .chunk_size(1 << 24)
+        .build();
+    assert!(fine.is_ok());
 }
 
 fn kill_self_on_5(_: &ArchivedSmall, x: u64) -> u64 {

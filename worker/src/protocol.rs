@@ -12,6 +12,9 @@ pub mod to_worker {
     pub const BATCH: u8 = 2;
     /// No body: finish and exit.
     pub const SHUTDOWN: u8 = 3;
+    /// Body: `u64` offset, `u64` length of a span of the arena's parent
+    /// half that holds a [`BATCH`] body (see [`crate::arena`]).
+    pub const BATCH_IN_ARENA: u8 = 4;
 }
 
 /// Frame tags on a worker link (worker → parent).
@@ -27,6 +30,9 @@ pub mod from_worker {
     /// Body: postcard [`Ready`](super::Ready): the setup succeeded and the
     /// worker waits for batches.
     pub const READY: u8 = 14;
+    /// Body: `u64` offset, `u64` length of a span of the arena's worker
+    /// half that holds a [`RESULTS`] body (see [`crate::arena`]).
+    pub const RESULTS_IN_ARENA: u8 = 15;
 }
 
 /// Byte length of the fixed part of a batch body.
@@ -39,6 +45,21 @@ pub const RESULTS_HEADER: usize = 8 + 4 + 8;
 pub const MAX_ARGUMENT_BYTES: usize = crate::sys::MAX_FRAME - 1 - BATCH_HEADER;
 /// Most bytes the encoded outcomes of one batch may take together.
 pub const MAX_RESULTS_BYTES: usize = crate::sys::MAX_FRAME - 1 - RESULTS_HEADER;
+
+/// Most tasks in one batch. Room for a short failure per task is kept in
+/// every batch's results (see [`MAX_RESULTS_BYTES`]), so that a task whose
+/// result does not fit can still be answered; this bounds that room to a
+/// fifth of a message.
+pub const MAX_BATCH_TASKS: usize = 1 << 24;
+const _: () = assert!(MAX_BATCH_TASKS * RESULT_FAILURE_RESERVE < MAX_RESULTS_BYTES / 4);
+
+/// Bytes kept per task for a result that does not fit: the encoded
+/// `Err(TaskFailure::BadResult(RESULT_TOO_LARGE))`.
+pub const RESULT_FAILURE_RESERVE: usize = 3 + RESULT_TOO_LARGE.len();
+
+/// The failure message of a result that does not fit, when there is no
+/// room for a longer one.
+pub const RESULT_TOO_LARGE: &str = "result too large to send";
 
 impl TaskFailure {
     /// The failure of a task whose argument encodes to `size` bytes, more

@@ -13,7 +13,7 @@ use rkyv::rancor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{MAX_RESULTS_BYTES, TaskFailure};
+use crate::protocol::{MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure};
 
 /// A batch as it arrives: where it starts, its seed root, and its arguments.
 #[derive(Debug, Clone, Copy)]
@@ -116,24 +116,44 @@ where
                 }
             },
         };
-        encode_outcome(&outcome, out, base);
+        let later = batch.count as u64 - i - 1;
+        encode_outcome(&outcome, out, base, later as usize);
     }
     CURRENT.with(|c| c.set(None));
 }
 
 /// Appends one encoded outcome to the outcomes that start at `base` in
-/// `out`. If `R` cannot be encoded, or would take the batch's outcomes past
-/// what one message carries, the partial bytes are dropped and a
-/// [`TaskFailure::BadResult`] takes their place.
-fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<u8>, base: usize) {
+/// `out`, `later` tasks before the end of the batch. If `R` cannot be
+/// encoded, or would leave too little room of what one message carries for
+/// a short failure of each later task, the partial bytes are dropped and a
+/// [`TaskFailure::BadResult`] takes their place: so every task of a batch
+/// gets an outcome, and the batch's outcomes always fit in a message.
+fn encode_outcome<R: Serialize>(
+    outcome: &Result<R, TaskFailure>,
+    out: &mut Vec<u8>,
+    base: usize,
+    later: usize,
+) {
+    encode_outcome_within(outcome, out, base, later, MAX_RESULTS_BYTES);
+}
+
+/// [`encode_outcome`] for a message that carries `max` bytes of outcomes.
+fn encode_outcome_within<R: Serialize>(
+    outcome: &Result<R, TaskFailure>,
+    out: &mut Vec<u8>,
+    base: usize,
+    later: usize,
+    max: usize,
+) {
+    let limit = max.saturating_sub(later.saturating_mul(RESULT_FAILURE_RESERVE));
     let mark = out.len();
     let encoded = postcard::to_io(outcome, &mut *out).map(drop);
     let failure = match encoded {
-        Ok(()) if out.len() - base <= MAX_RESULTS_BYTES => return,
+        Ok(()) if out.len() - base <= limit => return,
         Ok(()) => format!(
             "result too large to send: {} bytes encoded, at most {} for a batch's results",
             out.len() - mark,
-            MAX_RESULTS_BYTES - (mark - base)
+            limit.saturating_sub(mark - base)
         ),
         Err(e) => format!("cannot encode result: {e}"),
     };
@@ -141,6 +161,14 @@ fn encode_outcome<R: Serialize>(outcome: &Result<R, TaskFailure>, out: &mut Vec<
     let failure: Result<(), TaskFailure> = Err(TaskFailure::BadResult(failure));
     // Encoding a plain enum of strings into a Vec cannot fail.
     let _ = postcard::to_io(&failure, &mut *out);
+    if out.len() - base > limit {
+        // No room for the long message: the short one fits in the room
+        // kept for this task.
+        out.truncate(mark);
+        let failure: Result<(), TaskFailure> =
+            Err(TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()));
+        let _ = postcard::to_io(&failure, &mut *out);
+    }
 }
 
 fn call_one<A, R>(
@@ -242,4 +270,66 @@ fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_short_failure_fits_in_the_room_kept_for_it() {
+        let failure: Result<(), TaskFailure> =
+            Err(TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()));
+        let bytes = postcard::to_allocvec(&failure).unwrap();
+        assert!(
+            bytes.len() <= RESULT_FAILURE_RESERVE,
+            "{} bytes",
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn every_task_gets_an_outcome_and_the_batch_stays_in_its_limit() {
+        // The room kept is 50 short failures (1,350 bytes): every `max` here
+        // holds it, as a message holds it for the most tasks a batch has.
+        let count = 50;
+        for (max, size) in [
+            (2000, 100),
+            (2000, 10),
+            (1400, 1),
+            (20_000, 4000),
+            (1350, 3000),
+        ] {
+            let mut out = vec![9u8; 7];
+            let base = out.len();
+            for i in 0..count {
+                let value: Result<Vec<u8>, TaskFailure> = Ok(vec![1; size]);
+                encode_outcome_within(&value, &mut out, base, count - i - 1, max);
+            }
+            assert!(
+                out.len() - base <= max,
+                "max {max}, size {size}: {} bytes",
+                out.len() - base
+            );
+            let mut rest = &out[base..];
+            let mut fitted = 0;
+            for _ in 0..count {
+                let (outcome, tail) =
+                    postcard::take_from_bytes::<Result<Vec<u8>, TaskFailure>>(rest).unwrap();
+                rest = tail;
+                match outcome {
+                    Ok(v) => {
+                        assert_eq!(v.len(), size);
+                        fitted += 1;
+                    }
+                    Err(TaskFailure::BadResult(msg)) => assert!(msg.starts_with(RESULT_TOO_LARGE)),
+                    Err(other) => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(rest.is_empty());
+            // A result that fits beside the room kept for the others is kept.
+            let first_fits = size + 2 <= max - (count - 1) * RESULT_FAILURE_RESERVE;
+            assert_eq!(fitted > 0, first_fits, "max {max}, size {size}");
+        }
+    }
 }
