@@ -9,11 +9,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
+use procpool_worker::arena::{self, ARENA_MIN_BYTES, Ring};
+
 use procpool_worker::protocol::{
-    BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup, TaskFailure,
-    from_worker, to_worker,
+    BATCH_HEADER, BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup,
+    TaskFailure, from_worker, to_worker,
 };
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
@@ -103,6 +106,9 @@ pub(crate) struct Batch {
     /// Where each task's argument starts in `items`.
     offsets: Vec<u32>,
     items: Vec<u8>,
+    /// Whether it went to its worker through the bulk arena (so its span
+    /// is released when its results arrive).
+    in_arena: bool,
 }
 
 impl Batch {
@@ -126,6 +132,7 @@ impl Batch {
             first_index: self.first_index + range.start as u64,
             offsets: Vec::new(),
             items: Vec::new(),
+            in_arena: false,
         };
         for i in range {
             part.offsets.push(part.items.len() as u32);
@@ -134,20 +141,25 @@ impl Batch {
         part
     }
 
-    /// Appends this batch to `out` as a BATCH frame.
-    fn write_frame(&self, root_seed: u64, out: &mut Vec<u8>) {
-        let start = begin_batch_frame(out, self.first_index, root_seed, self.count());
-        out.extend_from_slice(&self.items);
-        sys::end_frame(out, start);
+    /// The fixed part of this batch's BATCH body.
+    fn header(&self, root_seed: u64) -> [u8; BATCH_HEADER] {
+        batch_header(self.first_index, root_seed, self.count())
     }
+}
+
+/// The fixed part of a BATCH body.
+fn batch_header(first_index: u64, root_seed: u64, count: u32) -> [u8; BATCH_HEADER] {
+    let mut header = [0u8; BATCH_HEADER];
+    header[..8].copy_from_slice(&first_index.to_le_bytes());
+    header[8..16].copy_from_slice(&root_seed.to_le_bytes());
+    header[16..].copy_from_slice(&count.to_le_bytes());
+    header
 }
 
 /// Appends the tag and header of a BATCH frame; returns where it starts.
 fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count: u32) -> usize {
     let start = sys::begin_frame(out, to_worker::BATCH);
-    out.extend_from_slice(&first_index.to_le_bytes());
-    out.extend_from_slice(&root_seed.to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&batch_header(first_index, root_seed, count));
     start
 }
 
@@ -205,6 +217,8 @@ struct Worker {
     reader: FrameReader,
     out: Outbox,
     in_flight: VecDeque<Batch>,
+    /// Spans of the arena's parent half held by batches in flight.
+    arena: Ring,
     reaper: Reaper,
     stopping: Option<Stopping>,
 }
@@ -247,6 +261,31 @@ impl Worker {
     /// Sends as much pending output as the pipe takes without blocking.
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush(self.link.write.as_raw_fd())
+    }
+
+    /// Queues `batch` for the worker, through the arena if it is large and
+    /// finds room there, else as a BATCH frame.
+    fn send_batch(&mut self, batch: &mut Batch, root_seed: u64) {
+        let header = batch.header(root_seed);
+        let len = BATCH_HEADER + batch.items.len();
+        batch.in_arena = false;
+        if let Some(page) = self.status.as_mut().filter(|_| len >= ARENA_MIN_BYTES)
+            && let Some(offset) = self.arena.alloc(len)
+        {
+            if page.write_batch(offset, &[&header, &batch.items]) {
+                // The bytes are in place before the frame that names them.
+                fence(Ordering::Release);
+                let body = arena::span_frame_body(offset, len);
+                sys::push_frame(&mut self.out.bytes, to_worker::BATCH_IN_ARENA, &body);
+                batch.in_arena = true;
+                return;
+            }
+            self.arena.cancel_newest();
+        }
+        let start = sys::begin_frame(&mut self.out.bytes, to_worker::BATCH);
+        self.out.bytes.extend_from_slice(&header);
+        self.out.bytes.extend_from_slice(&batch.items);
+        sys::end_frame(&mut self.out.bytes, start);
     }
 
     /// Kills the worker and waits for how it ended.
@@ -342,6 +381,7 @@ impl Pool {
                 first_index: index,
                 offsets: vec![0],
                 items: Vec::new(),
+                in_arena: false,
             });
             pool.workers.push(worker);
             Ok(pool)
@@ -388,7 +428,9 @@ impl Pool {
         let purpose = if self.spec.setup.one_batch {
             launch::Purpose::Isolated
         } else {
-            launch::Purpose::Pool
+            launch::Purpose::Pool {
+                arena_half: arena::half_bytes(self.spec.setup.memory_limit),
+            }
         };
         let launched = launch::launch(self.spec.method, purpose, &label, frames, model)?;
         Ok((id, launched))
@@ -434,6 +476,7 @@ impl Pool {
         };
         match result {
             Ok(ready_pid) => {
+                let arena_half = status.as_ref().map_or(0, StatusPage::arena_half);
                 // Writes never block (a worker may be writing to us; `launch`
                 // made our end non-blocking); reads stay blocking and happen
                 // only when poll says so, or when one worker alone has work
@@ -447,6 +490,7 @@ impl Pool {
                     reader,
                     out,
                     in_flight: VecDeque::new(),
+                    arena: Ring::new(arena_half),
                     reaper,
                     stopping: None,
                 })
@@ -806,8 +850,9 @@ where
                     None => return,
                 },
             };
+            let mut batch = batch;
             let worker = &mut self.pool.workers[slot];
-            batch.write_frame(self.root_seed, &mut worker.out.bytes);
+            worker.send_batch(&mut batch, self.root_seed);
             worker.in_flight.push_back(batch);
             // A broken link shows up as the worker's death at the next poll.
             let _ = worker.flush();
@@ -822,6 +867,7 @@ where
             first_index: self.next_index,
             offsets: Vec::new(),
             items: Vec::new(),
+            in_arena: false,
         };
         while batch.offsets.len() < max_count && batch.items.len() < max_bytes {
             let Some(item) = self.input.next() else {
@@ -845,6 +891,7 @@ where
                     first_index: index,
                     offsets: vec![0],
                     items: batch.items.split_off(mark),
+                    in_arena: false,
                 });
                 break;
             }
@@ -1011,25 +1058,33 @@ where
                         emit_log(&record, worker_id);
                     }
                 }
-                (from_worker::RESULTS, body) if body.len() >= RESULTS_HEADER => {
-                    let first_index = le_u64(body, 0);
-                    let count = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
-                    let elapsed_ns = le_u64(body, 12);
-                    let matches_head = worker
-                        .in_flight
-                        .front()
-                        .is_some_and(|b| b.first_index == first_index && b.count() == count);
-                    if !matches_head {
+                (from_worker::RESULTS, body) => take_results(
+                    &mut worker.in_flight,
+                    &mut worker.arena,
+                    self.sizer,
+                    &mut self.collector,
+                    body,
+                )?,
+                (from_worker::RESULTS_IN_ARENA, frame_body) => {
+                    let Some(page) = worker.status.as_ref() else {
                         return Err(());
-                    }
-                    worker.in_flight.pop_front();
-                    self.sizer.observe(count, elapsed_ns);
-                    decode_results(
+                    };
+                    let Some(body) = page.results_span(frame_body) else {
+                        return Err(());
+                    };
+                    // The worker wrote the span before it sent the frame.
+                    fence(Ordering::Acquire);
+                    take_results(
+                        &mut worker.in_flight,
+                        &mut worker.arena,
+                        self.sizer,
                         &mut self.collector,
-                        first_index,
-                        count,
-                        &body[RESULTS_HEADER..],
-                    );
+                        body,
+                    )?;
+                    // Decoded: the worker may write the span again.
+                    page.words()
+                        .results_released
+                        .fetch_add(1, Ordering::Release);
                 }
                 _ => return Err(()),
             }
@@ -1148,6 +1203,35 @@ where
         // it now rather than wait for it (its tasks may be slow).
         self.cancel();
     }
+}
+
+/// Handles a RESULTS body: checks it answers the oldest batch in flight,
+/// releases that batch (and its arena span), and decodes its outcomes.
+fn take_results<R: DeserializeOwned>(
+    in_flight: &mut VecDeque<Batch>,
+    arena: &mut Ring,
+    sizer: &mut BatchSizer,
+    collector: &mut Collector<R>,
+    body: &[u8],
+) -> Result<(), ()> {
+    if body.len() < RESULTS_HEADER {
+        return Err(());
+    }
+    let first_index = le_u64(body, 0);
+    let count = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
+    let elapsed_ns = le_u64(body, 12);
+    let matches_head = in_flight
+        .front()
+        .is_some_and(|b| b.first_index == first_index && b.count() == count);
+    if !matches_head {
+        return Err(());
+    }
+    if in_flight.pop_front().is_some_and(|b| b.in_arena) {
+        arena.release_oldest();
+    }
+    sizer.observe(count, elapsed_ns);
+    decode_results(collector, first_index, count, &body[RESULTS_HEADER..]);
+    Ok(())
 }
 
 /// Decodes `count` outcomes into the collector.

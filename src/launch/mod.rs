@@ -65,8 +65,9 @@ impl StartMethod {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Purpose {
     /// A pool's worker: many batches, large pipes, and a status page that
-    /// says which task of a batch it runs.
-    Pool,
+    /// says which task of a batch it runs, followed by a bulk arena with
+    /// halves of `arena_half` bytes (0: none).
+    Pool { arena_half: usize },
     /// One batch of one task (an isolated call): nothing to tell apart, so
     /// no status page, and default pipes unless its first frames need more.
     Isolated,
@@ -94,15 +95,19 @@ pub(crate) struct Ended {
 }
 
 /// The parent's view of a worker's status page (see
-/// `procpool_worker::status`).
+/// `procpool_worker::status`) and of the bulk arena after it (see
+/// `procpool_worker::arena`).
 pub(crate) struct StatusPage {
     map: memmap2::MmapMut,
     fd: std::os::fd::OwnedFd,
+    arena_half: usize,
 }
 
 impl StatusPage {
-    fn new() -> std::io::Result<StatusPage> {
-        use procpool_worker::status::STATUS_PAGE_BYTES;
+    /// A zeroed region with an arena of two halves of `arena_half` bytes;
+    /// its pages cost memory only once written.
+    fn new(arena_half: usize) -> std::io::Result<StatusPage> {
+        let len = procpool_worker::arena::region_bytes(arena_half);
         // SAFETY: the name is a NUL-terminated literal; the flags are constants.
         let raw = unsafe { libc::memfd_create(c"procpool-status".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
@@ -112,25 +117,67 @@ impl StatusPage {
         let file = std::fs::File::from(unsafe {
             <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
         });
-        file.set_len(STATUS_PAGE_BYTES as u64)?;
+        file.set_len(len as u64)?;
         // SAFETY: a private memfd of ours, shared only with the one worker,
-        // which writes it through atomics only (`StatusWords`).
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .len(STATUS_PAGE_BYTES)
-                .map_mut(&file)
-        }?;
+        // which writes the status words through atomics only, and the
+        // arena only in spans we do not touch (see `procpool_worker::arena`).
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }?;
         Ok(StatusPage {
             map,
             fd: file.into(),
+            arena_half,
         })
     }
 
     /// The shared words.
     pub fn words(&self) -> &procpool_worker::status::StatusWords {
-        // SAFETY: the mapping is page-aligned, as long as the page, and
+        // SAFETY: the mapping is page-aligned, at least a page long, and
         // outlives the borrow; both processes use it through atomics only.
         unsafe { &*(self.map.as_ptr() as *const procpool_worker::status::StatusWords) }
+    }
+
+    /// Bytes in each half of the arena (0: no arena).
+    pub fn arena_half(&self) -> usize {
+        self.arena_half
+    }
+
+    /// Writes `parts`, back to back, at `offset` in the parent's half.
+    ///
+    /// The span must be one the worker is not reading: one the parent's
+    /// ring handed out and has not released. Returns false, having written
+    /// nothing, if the span is not inside the half.
+    pub fn write_batch(&mut self, offset: usize, parts: &[&[u8]]) -> bool {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if offset.saturating_add(total) > self.arena_half {
+            return false;
+        }
+        let mut at = procpool_worker::arena::to_worker_offset() + offset;
+        for part in parts {
+            // SAFETY: checked above to lie inside the parent's half, which
+            // the worker only reads, and only in spans whose frame it got.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    part.as_ptr(),
+                    self.map.as_mut_ptr().add(at),
+                    part.len(),
+                );
+            }
+            at += part.len();
+        }
+        true
+    }
+
+    /// The results body at the span a RESULTS_IN_ARENA frame names, if it
+    /// is inside the worker's half.
+    pub fn results_span(&self, frame_body: &[u8]) -> Option<&[u8]> {
+        let (offset, len) =
+            procpool_worker::arena::parse_span_frame_body(frame_body, self.arena_half)?;
+        let at = procpool_worker::arena::from_worker_offset(self.arena_half) + offset;
+        // SAFETY: the span lies inside the worker's half of our mapping. The
+        // worker wrote it before it sent the frame we read, and does not
+        // write it again until we count it in `results_released`, after the
+        // last use of this borrow (see `Run::collect_frames`).
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at), len) })
     }
 }
 
@@ -323,7 +370,8 @@ pub(crate) fn launch(
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
-    let large = purpose == Purpose::Pool || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
+    let large =
+        matches!(purpose, Purpose::Pool { .. }) || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
     let (ours, theirs) =
         sys::link_pair(large).map_err(|e| PoolError::io("create a worker link", e))?;
     // The frames wait in the pipe, so the worker finds them the moment it
@@ -334,9 +382,10 @@ pub(crate) fn launch(
     let first_sent = sys::write_some(ours.write.as_raw_fd(), &first_frames)
         .map_err(|e| PoolError::io("write a worker's setup", e))?;
     let status = match purpose {
-        Purpose::Pool => {
-            Some(StatusPage::new().map_err(|e| PoolError::io("create a worker status page", e))?)
-        }
+        Purpose::Pool { arena_half } => Some(
+            StatusPage::new(arena_half)
+                .map_err(|e| PoolError::io("create a worker status page", e))?,
+        ),
         Purpose::Isolated => None,
     };
     let status_fd = status.as_ref().map(|s| s.fd.as_fd());

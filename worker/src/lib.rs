@@ -18,6 +18,7 @@
 
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod fnref;
 pub mod link;
 pub mod log_forward;

@@ -3,6 +3,9 @@
 //! dies (to fail only that task and re-run the rest of its batch) and while
 //! it waits (to enforce per-task timeouts). Two plain atomic stores per task
 //! cost nothing next to any message.
+//!
+//! A pool worker's page is the start of a larger region that also holds its
+//! bulk arena (see [`crate::arena`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
@@ -19,6 +22,8 @@ pub struct StatusWords {
     pub current: AtomicU64,
     /// `CLOCK_MONOTONIC` nanoseconds when that task started.
     pub started_ns: AtomicU64,
+    /// Results spans of the arena the parent has decoded, and so released.
+    pub results_released: AtomicU64,
 }
 
 impl StatusWords {
@@ -29,6 +34,9 @@ impl StatusWords {
 }
 
 static PAGE: OnceLock<&'static StatusWords> = OnceLock::new();
+
+/// Address and half size of the arena after the page, if the region has one.
+static ARENA: OnceLock<(usize, usize)> = OnceLock::new();
 
 /// Whether start times are recorded: only a parent that enforces timeouts
 /// reads them, and a clock read costs more than a trivial task.
@@ -45,19 +53,29 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Maps the page the parent created and makes it this process's status
-/// page; `record_times` when the parent enforces task timeouts.
+/// Maps the region the parent created and makes its first page this
+/// process's status page; `record_times` when the parent enforces task
+/// timeouts.
 pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
     RECORD_TIMES.store(record_times, Ordering::Relaxed);
-    // SAFETY: a fresh shared read-write mapping of the parent's page-sized
-    // memfd; it is never unmapped, so the reference below lives forever.
+    let file = std::fs::File::from(fd);
+    let len = match file.metadata() {
+        Ok(meta) => usize::try_from(meta.len()).unwrap_or(0),
+        Err(e) => return Err(format!("cannot stat the status page: {e}")),
+    };
+    if len < STATUS_PAGE_BYTES {
+        return Err(format!("the status page is {len} bytes, too short"));
+    }
+    // SAFETY: a fresh shared read-write mapping of the parent's memfd, of
+    // its whole length; it is never unmapped, so the references below live
+    // forever.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            STATUS_PAGE_BYTES,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
-            fd.as_raw_fd(),
+            file.as_raw_fd(),
             0,
         )
     };
@@ -68,10 +86,25 @@ pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
         ));
     }
     // SAFETY: the mapping is page-aligned, at least `size_of::<StatusWords>()`
-    // bytes, zero-filled (a valid pair of atomics), and lives forever.
+    // bytes, zero-filled (valid atomics), and lives forever.
     let words = unsafe { &*(ptr as *const StatusWords) };
     let _ = PAGE.set(words);
+    let half = crate::arena::half_of_region(len);
+    if half > 0 {
+        let _ = ARENA.set((ptr as usize, half));
+    }
     Ok(())
+}
+
+/// The status words, if this worker has a status page.
+pub fn words() -> Option<&'static StatusWords> {
+    PAGE.get().copied()
+}
+
+/// The start of the shared region and the arena's half size, if this worker
+/// has an arena.
+pub fn arena() -> Option<(*mut u8, usize)> {
+    ARENA.get().map(|&(base, half)| (base as *mut u8, half))
 }
 
 /// Records that task `index` starts now.

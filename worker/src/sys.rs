@@ -215,6 +215,9 @@ pub fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// Bytes before a frame's body: the `u32` length, then the tag.
+pub const FRAME_HEADER: usize = 5;
+
 /// Starts a frame whose body the caller appends; finish it with [`end_frame`].
 pub fn begin_frame(out: &mut Vec<u8>, tag: u8) -> usize {
     let start = out.len();

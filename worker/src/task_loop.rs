@@ -4,6 +4,9 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use std::sync::atomic::{Ordering, fence};
+
+use crate::arena::{self, ARENA_MIN_BYTES, Ring};
 use crate::fnref;
 use crate::link;
 use crate::protocol::{BATCH_HEADER, Ready, Setup, from_worker, to_worker};
@@ -176,47 +179,130 @@ pub fn run(fds: WorkerFds) -> ! {
         Err(e) => fatal(format!("cannot encode ready: {e}")),
     }
     let mut out = Vec::new();
+    let mut arena = WorkerArena::install();
     loop {
         let (tag, body) = match reader.read_frame(fd) {
             Ok(Some(frame)) => frame,
             Ok(None) => leave(0),
             Err(e) => fatal(format!("cannot read from the parent: {e}")),
         };
-        match tag {
-            to_worker::BATCH if body.len() >= BATCH_HEADER => {
-                let batch = BatchView {
-                    first_index: le_u64(body, 0),
-                    root_seed: le_u64(body, 8),
-                    count: u32::from_le_bytes([body[16], body[17], body[18], body[19]]),
-                    items: &body[BATCH_HEADER..],
-                };
-                out.clear();
-                let start = sys::begin_frame(&mut out, from_worker::RESULTS);
-                out.extend_from_slice(&batch.first_index.to_le_bytes());
-                out.extend_from_slice(&batch.count.to_le_bytes());
-                let elapsed_at = out.len();
-                out.extend_from_slice(&0u64.to_le_bytes());
-                let started = std::time::Instant::now();
-                // SAFETY: `runner` was monomorphised for the user's function
-                // type, and the parent validated `archive`, which is
-                // immutable (see `map_model`).
-                unsafe { runner(user_fn, archive, batch, &mut out) };
-                crate::status::idle();
-                let elapsed = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-                out[elapsed_at..elapsed_at + 8].copy_from_slice(&elapsed.to_le_bytes());
-                sys::end_frame(&mut out, start);
-                if link::send_raw(&out).is_err() || setup.one_batch {
-                    leave(0);
-                }
-                if out.capacity() > sys::RETAINED_BUFFER_BYTES {
-                    out = Vec::new();
-                }
-            }
+        let body = match tag {
+            to_worker::BATCH => body,
+            to_worker::BATCH_IN_ARENA => match arena.as_ref().and_then(|a| a.batch_body(body)) {
+                Some(body) => body,
+                None => fatal(format!("bad arena span ({} bytes)", body.len())),
+            },
             to_worker::SHUTDOWN => leave(0),
             other => fatal(format!(
                 "unexpected frame tag {other} ({} bytes)",
                 body.len()
             )),
+        };
+        if body.len() < BATCH_HEADER {
+            fatal(format!("batch of {} bytes, too short", body.len()));
         }
+        let batch = BatchView {
+            first_index: le_u64(body, 0),
+            root_seed: le_u64(body, 8),
+            count: u32::from_le_bytes([body[16], body[17], body[18], body[19]]),
+            items: &body[BATCH_HEADER..],
+        };
+        out.clear();
+        let start = sys::begin_frame(&mut out, from_worker::RESULTS);
+        out.extend_from_slice(&batch.first_index.to_le_bytes());
+        out.extend_from_slice(&batch.count.to_le_bytes());
+        let elapsed_at = out.len();
+        out.extend_from_slice(&0u64.to_le_bytes());
+        let started = std::time::Instant::now();
+        // SAFETY: `runner` was monomorphised for the user's function type,
+        // and the parent validated `archive`, which is immutable (see
+        // `map_model`).
+        unsafe { runner(user_fn, archive, batch, &mut out) };
+        crate::status::idle();
+        let elapsed = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        out[elapsed_at..elapsed_at + 8].copy_from_slice(&elapsed.to_le_bytes());
+        sys::end_frame(&mut out, start);
+        let body_start = start + sys::FRAME_HEADER;
+        let sent = match arena
+            .as_mut()
+            .and_then(|a| a.put_results(&out[body_start..]))
+        {
+            Some(span) => link::send_frame(from_worker::RESULTS_IN_ARENA, &span),
+            None => link::send_raw(&out),
+        };
+        if sent.is_err() || setup.one_batch {
+            leave(0);
+        }
+        if out.capacity() > sys::RETAINED_BUFFER_BYTES {
+            out = Vec::new();
+        }
+    }
+}
+
+/// The worker's side of its bulk arena (see [`crate::arena`]).
+struct WorkerArena {
+    /// The start of the shared region (the status page).
+    base: *mut u8,
+    half: usize,
+    /// Spans of the worker's half holding results the parent has not
+    /// decoded yet.
+    results: Ring,
+    /// Results spans released so far, as counted here.
+    released: u64,
+    words: &'static crate::status::StatusWords,
+}
+
+impl WorkerArena {
+    fn install() -> Option<WorkerArena> {
+        let (base, half) = crate::status::arena()?;
+        Some(WorkerArena {
+            base,
+            half,
+            results: Ring::new(half),
+            released: 0,
+            words: crate::status::words()?,
+        })
+    }
+
+    /// The batch body an arena frame points at, if the span is valid.
+    fn batch_body(&self, frame_body: &[u8]) -> Option<&'static [u8]> {
+        let (offset, len) = arena::parse_span_frame_body(frame_body, self.half)?;
+        // The parent wrote the span before it sent the frame we just read.
+        fence(Ordering::Acquire);
+        // SAFETY: the span lies inside the parent's half of a mapping that
+        // lives as long as the process. The parent does not write it again
+        // until it has this batch's results, which we send after the last
+        // read of it.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.base.add(arena::to_worker_offset() + offset), len)
+        })
+    }
+
+    /// Copies a results body into the arena and returns the frame body that
+    /// points at it, or `None` if it is small or finds no room (then it
+    /// goes through the pipe).
+    fn put_results(&mut self, body: &[u8]) -> Option<[u8; 16]> {
+        if body.len() < ARENA_MIN_BYTES {
+            return None;
+        }
+        let released = self.words.results_released.load(Ordering::Acquire);
+        while self.released < released && self.results.in_use() > 0 {
+            self.results.release_oldest();
+            self.released += 1;
+        }
+        let offset = self.results.alloc(body.len())?;
+        // SAFETY: `alloc` returned a span of `body.len()` bytes inside the
+        // worker's half, which nobody reads until the frame that names it
+        // arrives, and which the parent released if it held it before.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                body.as_ptr(),
+                self.base.add(arena::from_worker_offset(self.half) + offset),
+                body.len(),
+            );
+        }
+        // The bytes are in place before the frame that names them goes out.
+        fence(Ordering::Release);
+        Some(arena::span_frame_body(offset, body.len()))
     }
 }
