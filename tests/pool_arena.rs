@@ -104,6 +104,12 @@ fn every_byte_arrives_through_arena_and_pipe_alike() {
                 .memory_limit(256 * MIB as u64)
                 .chunk_size(4),
         ),
+        (
+            "workers started by re-executing",
+            procpool::InvokerBuilder::new(&store, check_and_answer)
+                .n_jobs(2)
+                .start_method(procpool::StartMethod::Spawn),
+        ),
     ];
     for (what, builder) in cases {
         let mut inv = builder.build().unwrap();
