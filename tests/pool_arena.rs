@@ -170,3 +170,65 @@ fn a_worker_dying_with_batches_in_its_arena_loses_only_its_task() {
     let results: Vec<_> = inv.map(again.clone()).collect();
     check_results(results, &again, "after the crash");
 }
+
+/// Resident kilobytes of a worker's status-page region (its arena), from
+/// `/proc/PID/smaps`.
+fn arena_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_region = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        // A mapping's header starts with its address range; its fields follow.
+        let is_header = line.split_whitespace().next().is_some_and(|range| {
+            range.contains('-') && range.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        });
+        if is_header {
+            in_region = line.contains("memfd:procpool-status");
+        }
+        if in_region && let Some(rest) = line.strip_prefix("Rss:") {
+            total += rest
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    total
+}
+
+#[test]
+fn large_batches_use_the_arena_and_small_ones_do_not() {
+    let store = procpool::persist(&NoModel { unused: 0 }).unwrap();
+    let mut inv = procpool::invoker(&store, check_and_answer, 2).unwrap();
+    let small: Vec<_> = (0..2000u64)
+        .map(|i| (i, ByteBuf::from(pattern(i, 8)), 8))
+        .collect();
+    let results: Vec<_> = inv.map(small.clone()).collect();
+    check_results(results, &small, "small");
+    for pid in inv.worker_pids() {
+        let kib = arena_rss_kib(pid);
+        assert!(
+            kib <= 8,
+            "worker {pid}: {kib} KiB resident after small tasks only"
+        );
+    }
+    let large: Vec<_> = (0..16u64)
+        .map(|i| (i, ByteBuf::from(pattern(i, MIB)), MIB))
+        .collect();
+    let results: Vec<_> = inv.map(large.clone()).collect();
+    check_results(results, &large, "large");
+    for pid in inv.worker_pids() {
+        // At least one batch and one result of 1 MiB each went through it.
+        let kib = arena_rss_kib(pid);
+        assert!(
+            kib >= 2048,
+            "worker {pid}: only {kib} KiB of its arena resident"
+        );
+        // Spans are reused: 16 batches of 1 MiB keep a few MiB, not 32.
+        assert!(
+            kib <= 8 * 1024,
+            "worker {pid}: {kib} KiB of its arena resident"
+        );
+    }
+}
