@@ -264,15 +264,18 @@ impl WorkerArena {
         })
     }
 
-    /// The batch body an arena frame points at, if the span is valid.
-    fn batch_body(&self, frame_body: &[u8]) -> Option<&'static [u8]> {
+    /// The batch body an arena frame points at, if the span is valid. The
+    /// borrow of `self` keeps it from outliving the batch: the next results
+    /// (which take `self` mutably) free the span for the parent to reuse.
+    fn batch_body(&self, frame_body: &[u8]) -> Option<&[u8]> {
         let (offset, len) = arena::parse_span_frame_body(frame_body, self.half)?;
         // The parent wrote the span before it sent the frame we just read.
         fence(Ordering::Acquire);
         // SAFETY: the span lies inside the parent's half of a mapping that
         // lives as long as the process. The parent does not write it again
-        // until it has this batch's results, which we send after the last
-        // read of it.
+        // until it has this batch's results, which go out through
+        // `put_results` (a mutable borrow, so after the last use of this one)
+        // or the pipe, after the last read of it.
         Some(unsafe {
             std::slice::from_raw_parts(self.base.add(arena::to_worker_offset() + offset), len)
         })
