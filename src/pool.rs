@@ -13,7 +13,6 @@ use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use procpool_worker::arena::{self, ARENA_MIN_BYTES, Ring};
-
 use procpool_worker::protocol::{
     BATCH_HEADER, BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup,
     TaskFailure, from_worker, to_worker,
@@ -266,12 +265,12 @@ impl Worker {
     /// Queues `batch` for the worker, through the arena if it is large and
     /// finds room there, else as a BATCH frame.
     fn send_batch(&mut self, batch: &mut Batch, root_seed: u64) {
-        let header = batch.header(root_seed);
         let len = BATCH_HEADER + batch.items.len();
         batch.in_arena = false;
         if let Some(page) = self.status.as_mut().filter(|_| len >= ARENA_MIN_BYTES)
             && let Some(offset) = self.arena.alloc(len)
         {
+            let header = batch.header(root_seed);
             if page.write_batch(offset, &[&header, &batch.items]) {
                 // The bytes are in place before the frame that names them.
                 fence(Ordering::Release);
@@ -282,10 +281,10 @@ impl Worker {
             }
             self.arena.cancel_newest();
         }
-        let start = sys::begin_frame(&mut self.out.bytes, to_worker::BATCH);
-        self.out.bytes.extend_from_slice(&header);
-        self.out.bytes.extend_from_slice(&batch.items);
-        sys::end_frame(&mut self.out.bytes, start);
+        let out = &mut self.out.bytes;
+        let start = begin_batch_frame(out, batch.first_index, root_seed, batch.count());
+        out.extend_from_slice(&batch.items);
+        sys::end_frame(out, start);
     }
 
     /// Kills the worker and waits for how it ended.
@@ -842,7 +841,7 @@ where
             else {
                 return;
             };
-            let batch = match self.queued.pop_front() {
+            let mut batch = match self.queued.pop_front() {
                 Some(batch) => batch,
                 None if self.exhausted => return,
                 None => match self.build_batch() {
@@ -850,7 +849,6 @@ where
                     None => return,
                 },
             };
-            let mut batch = batch;
             let worker = &mut self.pool.workers[slot];
             worker.send_batch(&mut batch, self.root_seed);
             worker.in_flight.push_back(batch);
@@ -1013,7 +1011,7 @@ where
                         wait = wait.min(Duration::from_millis(10));
                         continue;
                     };
-                    let started = words.started_ns.load(std::sync::atomic::Ordering::Relaxed);
+                    let started = words.started_ns.load(Ordering::Relaxed);
                     (task, Duration::from_nanos(now_ns.saturating_sub(started)))
                 }
                 // An isolated call: its one task waited in the pipe from the

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-
 use std::sync::atomic::{Ordering, fence};
 
 use crate::arena::{self, ARENA_MIN_BYTES, Ring};
