@@ -18,6 +18,13 @@
 
 #![deny(missing_docs)]
 
+// Everything here rests on Linux interfaces (sealed memfds, signalfd,
+// PR_SET_PDEATHSIG, /proc/self/exe); say so before the compiler lists each.
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "procpool runs on Linux only: it relies on sealed memfds, signalfd, PR_SET_PDEATHSIG and /proc/self/exe"
+);
+
 pub mod arena;
 pub mod fnref;
 pub mod link;
