@@ -71,6 +71,7 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
     let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
         .map_err(|e| PoolError::io("create the fork server's socket", e))?;
     let their_fd = theirs.as_raw_fd();
+    let role = format!("zygote:{their_fd}:{}", std::process::id());
     let mut command = Command::new("/proc/self/exe");
     command.stdin(Stdio::null());
     if bind_now {
@@ -78,18 +79,24 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
         // worker; the server takes the variable out of its environment.
         command.env("LD_BIND_NOW", "1").env(
             ROLE_ENV,
-            format!("zygote:{their_fd}:{}", procpool_worker::BIND_NOW_ROLE),
+            format!("{role}:{}", procpool_worker::BIND_NOW_ROLE),
         );
     } else {
-        command.env(ROLE_ENV, format!("zygote:{their_fd}"));
+        command.env(ROLE_ENV, role);
     }
+    let death_signal = sys::on_main_thread();
     // SAFETY: the hook runs in the child between fork and exec and calls only
-    // fcntl, which is async-signal-safe; it lets the server's end of the
-    // socket survive exec (it is close-on-exec everywhere else).
+    // fcntl and prctl, which are async-signal-safe. It lets the server's end
+    // of the socket survive exec (it is close-on-exec everywhere else), and
+    // asks for SIGKILL when the thread starting it ends if that thread is
+    // the main one (the server watches the parent itself too).
     unsafe {
         command.pre_exec(move || {
             if libc::fcntl(their_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if death_signal {
+                sys::kill_with_creator_thread()?;
             }
             Ok(())
         });

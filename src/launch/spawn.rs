@@ -24,20 +24,28 @@ pub(super) fn spawn(
         model.map_or(-1, |m| m.as_raw_fd()),
     ];
     let role = format!(
-        "worker:3:4:{}:{}",
+        "worker:3:4:{}:{}:{}",
         if status.is_some() { "5" } else { "-1" },
-        if model.is_some() { "6" } else { "-1" }
+        if model.is_some() { "6" } else { "-1" },
+        std::process::id()
     );
+    let death_signal = sys::on_main_thread();
     let mut command = Command::new("/proc/self/exe");
     command
         .env(ROLE_ENV, role)
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: the hook runs between fork and exec and calls only fcntl and
-    // dup2, which are async-signal-safe. It moves the descriptors out of the
-    // way, then places them at 3, 4, 5 and 6 (dup2 clears close-on-exec).
+    // SAFETY: the hook runs between fork and exec and calls only fcntl, dup2
+    // and prctl, which are async-signal-safe. It moves the descriptors out
+    // of the way, then places them at 3, 4, 5 and 6 (dup2 clears
+    // close-on-exec), and asks for SIGKILL when the thread starting the
+    // worker ends if that thread is the main one (else the worker watches
+    // this process itself).
     unsafe {
         command.pre_exec(move || {
+            if death_signal {
+                sys::kill_with_creator_thread()?;
+            }
             let mut high = [-1; 4];
             for (slot, fd) in high.iter_mut().zip(fds) {
                 if fd < 0 {

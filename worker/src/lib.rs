@@ -37,7 +37,7 @@ pub mod task;
 pub mod task_loop;
 pub mod zygote;
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use protocol::ROLE_ENV;
 
@@ -56,6 +56,36 @@ fn parse_fd(s: &str) -> Option<RawFd> {
     s.parse::<RawFd>().ok().filter(|fd| *fd > 2)
 }
 
+fn parse_pid(s: &str) -> Option<libc::pid_t> {
+    s.parse::<libc::pid_t>().ok().filter(|pid| *pid > 0)
+}
+
+/// Makes this re-executed worker die when its parent process does. The
+/// parent asked for `PR_SET_PDEATHSIG` when it started us from its main
+/// thread; from any other thread, whose end is not the process's, a thread
+/// here watches the parent instead.
+fn die_with_parent_process(parent: libc::pid_t) {
+    let parent_exit = sys::watch_parent(parent);
+    if sys::has_parent_death_signal() {
+        return;
+    }
+    if let Some(exit) = parent_exit {
+        let watch = move || {
+            let _ = sys::wait_readable(exit.as_raw_fd(), -1);
+            // SAFETY: kill and getpid have no preconditions; this ends the
+            // process as the death signal would have.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        };
+        if std::thread::Builder::new()
+            .name("procpool-parent-watch".into())
+            .spawn(watch)
+            .is_err()
+        {
+            eprintln!("procpool: cannot watch the parent process; this worker may outlive it");
+        }
+    }
+}
+
 #[ctor::ctor(unsafe)]
 fn procpool_entry() {
     let Some(role) = std::env::var_os(ROLE_ENV) else {
@@ -66,7 +96,7 @@ fn procpool_entry() {
     let role = role.to_string_lossy().into_owned();
     let parts: Vec<&str> = role.split(':').collect();
     match parts.as_slice() {
-        ["zygote", fd, rest @ ..] => {
+        ["zygote", fd, parent, rest @ ..] => {
             if rest == [BIND_NOW_ROLE] {
                 // The parent asked the dynamic loader to bind every symbol at
                 // start, so that workers forked from here inherit a bound
@@ -76,13 +106,17 @@ fn procpool_entry() {
                 // SAFETY: as above, one thread.
                 unsafe { std::env::remove_var("LD_BIND_NOW") };
             }
-            if let Some(fd) = parse_fd(fd) {
+            if let (Some(fd), Some(parent)) = (parse_fd(fd), parse_pid(parent)) {
+                let parent_exit = sys::watch_parent(parent);
                 // SAFETY: the parent placed the link at this descriptor for us alone.
-                zygote::run(unsafe { OwnedFd::from_raw_fd(fd) });
+                zygote::run(unsafe { OwnedFd::from_raw_fd(fd) }, parent_exit);
             }
         }
-        ["worker", read, write, status, model] => {
-            if let (Some(read), Some(write)) = (parse_fd(read), parse_fd(write)) {
+        ["worker", read, write, status, model, parent] => {
+            if let (Some(read), Some(write), Some(parent)) =
+                (parse_fd(read), parse_fd(write), parse_pid(parent))
+            {
+                die_with_parent_process(parent);
                 // SAFETY: the parent placed the link's ends, the status page
                 // and the model store (the last two if it gave a number) at
                 // these descriptors for this process alone.

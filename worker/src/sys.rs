@@ -437,6 +437,58 @@ pub fn die_with_parent(expected_parent: libc::pid_t) {
     }
 }
 
+/// Whether the calling thread is its process's main thread. The kernel
+/// sends `PR_SET_PDEATHSIG`'s signal when the *thread* that started a child
+/// ends, so a child may ask for it only when the main thread, whose end is
+/// the process's end, started it.
+pub fn on_main_thread() -> bool {
+    // SAFETY: gettid and getpid have no preconditions.
+    unsafe { libc::gettid() == libc::getpid() }
+}
+
+/// Asks for `SIGKILL` when the thread that started this process ends. Only
+/// an async-signal-safe call, so it may run between fork and exec.
+pub fn kill_with_creator_thread() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// Whether this process has asked for a signal when its parent thread ends.
+pub fn has_parent_death_signal() -> bool {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer we pass.
+    let ret = unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+    ret == 0 && signal != 0
+}
+
+/// A descriptor that becomes readable when `expected_parent`, this
+/// process's parent, has exited (all its threads, not only the one that
+/// started us). Exits at once if that process is no longer our parent: it
+/// died before we could watch it. `None` on kernels without `pidfd_open`
+/// (before Linux 5.3).
+pub fn watch_parent(expected_parent: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, expected_parent, 0) };
+    // Checked after opening: if the parent is still ours now, the descriptor
+    // is the parent's and not a later process's that reused its pid.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != expected_parent {
+        // SAFETY: _exit ends the process without running any Rust code.
+        unsafe { libc::_exit(1) };
+    }
+    // SAFETY: a non-negative return is a new descriptor owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// Restores default signal handling that a fork server changed, so user code
 /// in a worker sees what an ordinary Rust program sees.
 pub fn reset_signals_for_child() {

@@ -4,8 +4,10 @@
 //! the parent re-executes its own binary once, as this server, which never
 //! starts a thread and can therefore fork safely and quickly. It reaps its
 //! children and reports how each ended, forwards their stderr line by line
-//! with a prefix, and kills them all when the parent goes away (its link
-//! closes even when the parent is killed with SIGKILL).
+//! with a prefix, and kills them all when the parent goes away: its link
+//! closes, even when the parent is killed with SIGKILL, and a pidfd of the
+//! parent says so when a plain fork of the parent still holds the link. The
+//! parent's main thread also asks for `PR_SET_PDEATHSIG` when it starts us.
 //!
 //! To take the fork off the path of a request, the server keeps one *spare*:
 //! a child forked ahead of need, which has already paid for the fork and
@@ -133,6 +135,10 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spar
         );
     }
 }
+
+/// The link, the signalfd and the parent's exit come first in the poll set;
+/// the children's stderr pipes follow.
+const FIXED_POLLFDS: usize = 3;
 
 /// Bits of the byte that hands a spawn request's descriptors to a spare.
 const HANDOFF_STATUS: u8 = 1;
@@ -305,8 +311,10 @@ fn adopt_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
     crate::task_loop::run(fds)
 }
 
-/// Runs the fork server on the link `ctrl`. Never returns.
-pub fn run(ctrl: OwnedFd) -> ! {
+/// Runs the fork server on the link `ctrl`; `parent_exit`, if the kernel
+/// could make one, becomes readable when the parent process has exited.
+/// Never returns.
+pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
     let ctrl_fd = ctrl.as_raw_fd();
     // SAFETY: getpid has no preconditions.
     let zygote_pid = unsafe { libc::getpid() };
@@ -350,6 +358,13 @@ pub fn run(ctrl: OwnedFd) -> ! {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            // The link alone can outlive the parent: a plain fork of the
+            // parent holds a copy of it. A negative descriptor is ignored.
+            libc::pollfd {
+                fd: parent_exit.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let mut order = Vec::new();
         for (pid, child) in &children {
@@ -368,11 +383,14 @@ pub fn run(ctrl: OwnedFd) -> ! {
             continue;
         }
         for (i, pid) in order.iter().enumerate() {
-            if pollfds[2 + i].revents != 0 {
+            if pollfds[FIXED_POLLFDS + i].revents != 0 {
                 if let Some(child) = children.get_mut(pid) {
                     pump_stderr(child);
                 }
             }
+        }
+        if pollfds[2].revents != 0 {
+            shutdown(&mut children, spare);
         }
         if pollfds[1].revents != 0 {
             let mut info = [0u8; 128];
