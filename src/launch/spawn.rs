@@ -51,7 +51,9 @@ pub(super) fn spawn(
                 if fd < 0 {
                     continue;
                 }
-                *slot = libc::fcntl(fd, libc::F_DUPFD, 10);
+                // Close-on-exec: these copies only make room and must not
+                // reach the worker.
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
                 if *slot < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

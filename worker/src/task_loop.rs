@@ -95,6 +95,15 @@ unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String
 /// Runs the worker on its link, recording progress in its status page (if
 /// it has one), with its model store (if any). Never returns.
 pub fn run(fds: WorkerFds) -> ! {
+    // They sit at fixed numbers, put there without close-on-exec. A program
+    // a task starts must not inherit them: it would see the parent's
+    // batches, and, outliving a crashed worker, hold the link open and hide
+    // the death from the parent.
+    for fd in fds.raw() {
+        if let Err(e) = sys::set_cloexec(fd, true) {
+            fatal(format!("cannot mark descriptor {fd} close-on-exec: {e}"));
+        }
+    }
     let WorkerFds {
         link: link_ends,
         status,

@@ -1,0 +1,127 @@
+//! A task may start processes of its own. They must not inherit the
+//! worker's links to the parent: a child that outlives a crashed worker
+//! would otherwise hold its link open and hide the death, and any child
+//! could read batches meant for the worker.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a child process of the task holds of the worker's own descriptors:
+/// its link to the parent (at 3 and 4) and its shared memory.
+fn worker_descriptors_in_a_child() -> Vec<String> {
+    let target = |path: String| {
+        std::fs::read_link(path)
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let link = [
+        target("/proc/self/fd/3".into()),
+        target("/proc/self/fd/4".into()),
+    ];
+    assert!(link.iter().all(|t| t.starts_with("pipe:")), "{link:?}");
+    let mut child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("cannot start sleep");
+    let mut held: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+        .map(|d| {
+            d.flatten()
+                .map(|e| target(e.path().to_string_lossy().into_owned()))
+                .filter(|t| link.contains(t) || t.contains("procpool"))
+                .collect()
+        })
+        .unwrap_or_else(|e| vec![format!("cannot list: {e}")]);
+    let _ = child.kill();
+    let _ = child.wait();
+    held.sort();
+    held
+}
+
+fn pool_child_descriptors(_: &ArchivedSmall, _: u64) -> Vec<String> {
+    worker_descriptors_in_a_child()
+}
+
+fn isolated_child_descriptors(_: ()) -> Vec<String> {
+    worker_descriptors_in_a_child()
+}
+
+/// Leaves a child running (it outlives this process), then aborts.
+fn orphan_then_abort(_: &ArchivedSmall, x: u64) -> u64 {
+    if x == 1 {
+        let _ = Command::new("sleep").arg("20").stdin(Stdio::null()).spawn();
+        std::process::abort();
+    }
+    x
+}
+
+fn isolated_orphan_then_abort(_: ()) {
+    let _ = Command::new("sleep").arg("20").stdin(Stdio::null()).spawn();
+    std::process::abort();
+}
+
+fn no_core_dumps() {
+    let rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one struct we own; it only lowers a limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &rlim) };
+}
+
+fn methods() -> [(&'static str, procpool::StartMethod); 2] {
+    [
+        ("fork server", procpool::StartMethod::ForkServer),
+        ("spawn", procpool::StartMethod::Spawn),
+    ]
+}
+
+#[test]
+fn a_task_child_inherits_none_of_the_worker_descriptors() {
+    let store = procpool::persist(&small()).unwrap();
+    for (name, method) in methods() {
+        let mut inv = procpool::InvokerBuilder::new(&store, pool_child_descriptors)
+            .n_jobs(2)
+            .start_method(method)
+            .build()
+            .unwrap();
+        for fds in inv.map(0..2u64) {
+            assert_eq!(fds.unwrap(), Vec::<String>::new(), "{name}");
+        }
+    }
+    let fds = procpool::run_sp(isolated_child_descriptors, ()).unwrap();
+    assert_eq!(fds, Vec::<String>::new(), "run_sp");
+}
+
+#[test]
+fn a_crash_is_seen_at_once_while_a_child_of_the_task_lives() {
+    no_core_dumps();
+    let store = procpool::persist(&small()).unwrap();
+    for (name, method) in methods() {
+        let started = Instant::now();
+        let mut inv = procpool::InvokerBuilder::new(&store, orphan_then_abort)
+            .n_jobs(2)
+            .max_tries(1)
+            .start_method(method)
+            .build()
+            .unwrap();
+        let results: Vec<_> = inv.map(0..4u64).collect();
+        let err = results[1].as_ref().unwrap_err();
+        assert_eq!(err.signal(), Some(libc::SIGABRT), "{name}: {err}");
+        for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+            assert_eq!(r.as_ref().unwrap(), &(i as u64), "{name}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+    }
+    let started = Instant::now();
+    let err = procpool::run_sp(isolated_orphan_then_abort, ()).unwrap_err();
+    assert_eq!(err.signal(), Some(libc::SIGABRT), "run_sp: {err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "run_sp");
+}
