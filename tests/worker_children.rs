@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,18 +50,45 @@ fn isolated_child_descriptors(_: ()) -> Vec<String> {
     worker_descriptors_in_a_child()
 }
 
-/// Leaves a child running (it outlives this process), then aborts.
+/// What the programs left behind by crashed tasks call themselves.
+const ORPHAN_NAME: &str = "procpool-test-orphan";
+
+/// Starts a program that outlives this process, then aborts.
+fn leave_an_orphan_and_abort() -> ! {
+    let _ = Command::new("sleep")
+        .arg0(ORPHAN_NAME)
+        .arg("20")
+        .stdin(Stdio::null())
+        .spawn();
+    std::process::abort();
+}
+
 fn orphan_then_abort(_: &ArchivedSmall, x: u64) -> u64 {
     if x == 1 {
-        let _ = Command::new("sleep").arg("20").stdin(Stdio::null()).spawn();
-        std::process::abort();
+        leave_an_orphan_and_abort();
     }
     x
 }
 
 fn isolated_orphan_then_abort(_: ()) {
-    let _ = Command::new("sleep").arg("20").stdin(Stdio::null()).spawn();
-    std::process::abort();
+    leave_an_orphan_and_abort();
+}
+
+/// Ends the programs `leave_an_orphan_and_abort` left; returns how many.
+fn kill_orphans() -> usize {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).next() == Some(ORPHAN_NAME.as_bytes()) {
+            // SAFETY: a plain kill of a program this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
 }
 
 fn no_core_dumps() {
@@ -124,4 +152,7 @@ fn a_crash_is_seen_at_once_while_a_child_of_the_task_lives() {
     let err = procpool::run_sp(isolated_orphan_then_abort, ()).unwrap_err();
     assert_eq!(err.signal(), Some(libc::SIGABRT), "run_sp: {err}");
     assert!(started.elapsed() < Duration::from_secs(10), "run_sp");
+    // One per pool (the crashing task is not retried) and one for run_sp:
+    // the case really had a program outlive the crash.
+    assert_eq!(kill_orphans(), 3);
 }
