@@ -175,17 +175,9 @@ fn child_program_killed_mid_work() {
     }
     let store = procpool::persist(&small()).unwrap();
     let mut inv = procpool::invoker(&store, forever, 2).unwrap();
-    // Started from a thread that ends at once: the workers must neither die
-    // with that thread nor outlive this process.
-    let mut spawned = std::thread::spawn(move || {
-        procpool::InvokerBuilder::new(&store, forever)
-            .n_jobs(2)
-            .start_method(procpool::StartMethod::Spawn)
-            .build()
-            .unwrap()
-    })
-    .join()
-    .unwrap();
+    // The workers must neither die with the thread that started them nor
+    // outlive this process.
+    let mut spawned = spawn_pool_on_a_thread_that_ends(&store, forever);
     for pid in inv.worker_pids().into_iter().chain(spawned.worker_pids()) {
         println!("worker-pid {pid}");
     }
@@ -210,6 +202,24 @@ fn child_program_killed_mid_work() {
     use std::io::Write;
     std::io::stdout().flush().unwrap();
     std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+/// A `Spawn` pool of 2 workers, built on a thread that has ended by the time
+/// this returns.
+fn spawn_pool_on_a_thread_that_ends(
+    store: &procpool::ModelStore<Small>,
+    func: procpool::TaskFn<Small, u64, u64>,
+) -> procpool::Invoker<Small, u64, u64> {
+    let store = store.clone();
+    std::thread::spawn(move || {
+        procpool::InvokerBuilder::new(&store, func)
+            .n_jobs(2)
+            .start_method(procpool::StartMethod::Spawn)
+            .build()
+            .unwrap()
+    })
+    .join()
+    .unwrap()
 }
 
 /// Kills a process we cannot reap (its parent was killed) when dropped.
@@ -299,15 +309,7 @@ fn thread_names(pid: u32) -> Vec<String> {
 #[test]
 fn workers_started_from_a_thread_that_ended_live_on() {
     let store = procpool::persist(&small()).unwrap();
-    let mut inv = std::thread::spawn(move || {
-        procpool::InvokerBuilder::new(&store, add_offset)
-            .n_jobs(2)
-            .start_method(procpool::StartMethod::Spawn)
-            .build()
-            .unwrap()
-    })
-    .join()
-    .unwrap();
+    let mut inv = spawn_pool_on_a_thread_that_ends(&store, add_offset);
     // The starting thread is gone; a death signal tied to it would have
     // killed the workers by now.
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -47,15 +47,6 @@ fn crash_at(_: &ArchivedSmall, (x, at, how): (u64, u64, Crash)) -> u64 {
     x * 2
 }
 
-fn no_core_dumps() {
-    let rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit reads one struct we own; it only lowers a limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &rlim) };
-}
-
 fn check_case(how: Crash, at: u64, n_jobs: usize) {
     let started = Instant::now();
     let store = procpool::persist(&small()).unwrap();

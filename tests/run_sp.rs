@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::no_core_dumps;
 use std::time::{Duration, Instant};
 
 fn double(n: u64) -> u64 {
@@ -28,15 +29,6 @@ fn crash(kind: String) -> u64 {
         _ => {}
     }
     0
-}
-
-fn no_core_dumps() {
-    let rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit reads one struct we own; it only lowers a limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &rlim) };
 }
 
 #[test]

@@ -91,15 +91,6 @@ fn kill_orphans() -> usize {
     killed
 }
 
-fn no_core_dumps() {
-    let rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit reads one struct we own; it only lowers a limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &rlim) };
-}
-
 fn methods() -> [(&'static str, procpool::StartMethod); 2] {
     [
         ("fork server", procpool::StartMethod::ForkServer),

@@ -105,3 +105,14 @@ pub fn capture_logs(level: log::LevelFilter) {
 pub fn take_logs() -> Vec<Captured> {
     std::mem::take(&mut *RECORDS.lock().unwrap())
 }
+
+/// Turns core dumps off for this process and the workers it starts, before
+/// tests that crash workers on purpose.
+pub fn no_core_dumps() {
+    let rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one struct we own; it only lowers a limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &rlim) };
+}

@@ -420,16 +420,8 @@ pub fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<
 /// Asks the kernel to send `SIGKILL` to this process when its parent dies,
 /// then checks the parent has not died already (the request races with it).
 pub fn die_with_parent(expected_parent: libc::pid_t) {
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    // It cannot fail for SIGKILL; the check below stands either way.
+    let _ = kill_with_creator_thread();
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } != expected_parent {
         // SAFETY: _exit ends the process without running any Rust code.
