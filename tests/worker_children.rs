@@ -1,7 +1,7 @@
-//! A task may start processes of its own. They must not inherit the
-//! worker's links to the parent: a child that outlives a crashed worker
-//! would otherwise hold its link open and hide the death, and any child
-//! could read batches meant for the worker.
+//! A task may start processes of its own, by `Command` or by a plain
+//! `fork`. They must not inherit the worker's links to the parent: a child
+//! that outlives a crashed worker would otherwise hold its link open and
+//! hide the death, and any child could read batches meant for the worker.
 
 mod common;
 
@@ -72,6 +72,80 @@ fn orphan_then_abort(_: &ArchivedSmall, x: u64) -> u64 {
 
 fn isolated_orphan_then_abort(_: ()) {
     leave_an_orphan_and_abort();
+}
+
+/// What the forked copies left behind by crashed tasks call themselves
+/// (their `comm`: they run this test program, so share its command line).
+const FORKED_ORPHAN_COMM: &str = "pp-fork-orphan";
+
+/// Forks a copy of the worker that outlives it, then aborts.
+fn fork_an_orphan_and_abort() -> ! {
+    // SAFETY: the copy makes only async-signal-safe calls (prctl, nanosleep,
+    // _exit) before it ends.
+    if unsafe { libc::fork() } == 0 {
+        // SAFETY: as above; the name is a NUL-terminated literal.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, c"pp-fork-orphan".as_ptr());
+            libc::sleep(20);
+            libc::_exit(0);
+        }
+    }
+    std::process::abort();
+}
+
+fn fork_then_abort(_: &ArchivedSmall, x: u64) -> u64 {
+    if x == 1 {
+        fork_an_orphan_and_abort();
+    }
+    x
+}
+
+fn isolated_fork_then_abort(_: ()) {
+    fork_an_orphan_and_abort();
+}
+
+/// Forks, and both processes return from the task; the worker waits up to
+/// 5 s for the copy and returns its own result with the copy's wait status
+/// (-1 if it was still running).
+fn fork_and_return_in_both(_: &ArchivedSmall, x: u64) -> (u64, i32) {
+    // SAFETY: the copy returns from this function into the worker's code,
+    // which is what the test checks; nothing here holds a lock.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        log::warn!("from the forked copy of task {x}");
+        return (x * 1000, 0);
+    }
+    for _ in 0..500 {
+        let mut status = 0;
+        // SAFETY: a non-blocking wait for our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return (x * 2, status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: our own child, still unreaped.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    (x * 2, -1)
+}
+
+/// Ends the forked copies `fork_an_orphan_and_abort` left; returns how many.
+fn kill_forked_orphans() -> usize {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim_end() == FORKED_ORPHAN_COMM {
+            // SAFETY: a plain kill of a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Ends the programs `leave_an_orphan_and_abort` left; returns how many.
@@ -146,4 +220,60 @@ fn a_crash_is_seen_at_once_while_a_child_of_the_task_lives() {
     // One per pool (the crashing task is not retried) and one for run_sp:
     // the case really had a program outlive the crash.
     assert_eq!(kill_orphans(), 3);
+}
+
+#[test]
+fn a_crash_is_seen_at_once_while_a_forked_copy_of_the_worker_lives() {
+    no_core_dumps();
+    let store = procpool::persist(&small()).unwrap();
+    for (name, method) in methods() {
+        let started = Instant::now();
+        let mut inv = procpool::InvokerBuilder::new(&store, fork_then_abort)
+            .n_jobs(2)
+            .max_tries(1)
+            .start_method(method)
+            .build()
+            .unwrap();
+        let results: Vec<_> = inv.map(0..4u64).collect();
+        let err = results[1].as_ref().unwrap_err();
+        assert_eq!(err.signal(), Some(libc::SIGABRT), "{name}: {err}");
+        for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+            assert_eq!(r.as_ref().unwrap(), &(i as u64), "{name}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+    }
+    let started = Instant::now();
+    let err = procpool::run_sp(isolated_fork_then_abort, ()).unwrap_err();
+    assert_eq!(err.signal(), Some(libc::SIGABRT), "run_sp: {err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "run_sp");
+    // The copies really outlived the crashes.
+    assert_eq!(kill_forked_orphans(), 3);
+}
+
+#[test]
+fn a_forked_copy_returning_from_a_task_ends_without_touching_the_batch() {
+    let store = procpool::persist(&small()).unwrap();
+    for (name, method) in methods() {
+        let mut inv = procpool::InvokerBuilder::new(&store, fork_and_return_in_both)
+            .n_jobs(2)
+            .chunk_size(4)
+            .start_method(method)
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let results: Vec<_> = inv.map(0..12u64).map(|r| r.unwrap()).collect();
+            for (i, (value, copy_status)) in results.into_iter().enumerate() {
+                assert_eq!(value, i as u64 * 2, "{name}: task {i}");
+                // The copy exited 0 on its own, at once.
+                assert!(
+                    libc::WIFEXITED(copy_status) && libc::WEXITSTATUS(copy_status) == 0,
+                    "{name}: task {i}: the copy ended with status {copy_status}"
+                );
+            }
+        }
+    }
 }

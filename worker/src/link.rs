@@ -1,20 +1,65 @@
 //! The worker's end of its link to the parent, shared by the task loop and
 //! the log forwarder (user code may log from several threads).
+//!
+//! The link belongs to the worker process alone. A copy of it made by a
+//! plain `fork` in a task (no `exec`, so close-on-exec does not apply) drops
+//! both ends at once: holding them, a copy that outlived a crash of the
+//! worker would hide the crash from the parent, which watches for the
+//! link's end of file, and a copy returning from the task would go on
+//! reading batches meant for the worker.
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Mutex, Once, OnceLock};
 
 use crate::sys;
 
 static LINK: OnceLock<Mutex<RawFd>> = OnceLock::new();
 /// Whether the link's pipe was made large (for a frame that would not fit).
 static GROWN: AtomicBool = AtomicBool::new(false);
+/// The link's ends, for the fork handler to close (-1: none).
+static LINK_READ: AtomicI32 = AtomicI32::new(-1);
+static LINK_WRITE: AtomicI32 = AtomicI32::new(-1);
+/// Set in a copy of the worker made by `fork`: it has no link.
+static FORK_COPY: AtomicBool = AtomicBool::new(false);
 
-/// Makes `fd` (the write end of the link) where every later frame goes.
-pub fn set(fd: RawFd) {
-    let _ = LINK.set(Mutex::new(fd));
+/// Makes `read` and `write` (the link's ends, which live as long as the
+/// process) the worker's link: every later frame goes to `write`, and a
+/// copy of the process made by `fork` closes both before `fork` returns in
+/// it.
+pub fn set(read: RawFd, write: RawFd) {
+    let _ = LINK.set(Mutex::new(write));
+    LINK_READ.store(read, Ordering::Relaxed);
+    LINK_WRITE.store(write, Ordering::Relaxed);
+    static HANDLER: Once = Once::new();
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that runs in the child of each later
+        // fork of this process and makes only async-signal-safe calls
+        // (atomic loads and stores, close).
+        unsafe { libc::pthread_atfork(None, None, Some(drop_link_in_fork_copy)) };
+    });
+}
+
+/// Runs in the child of a `fork` of the worker (glibc and musl run it for
+/// `fork()`; `posix_spawn`, which `Command` uses, does not fork this way
+/// and always executes, which close-on-exec covers).
+extern "C" fn drop_link_in_fork_copy() {
+    FORK_COPY.store(true, Ordering::Relaxed);
+    for end in [&LINK_READ, &LINK_WRITE] {
+        let fd = end.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: `fd` is one of the link's ends, which the worker never
+            // closes, so in this copy it still names the copied pipe end.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Whether this process is a copy of a worker made by `fork` in user code
+/// (it has no link to the parent).
+pub fn is_fork_copy() -> bool {
+    FORK_COPY.load(Ordering::Relaxed)
 }
 
 /// Sends one frame, whole, before any other thread's.
@@ -26,6 +71,14 @@ pub fn send_frame(tag: u8, body: &[u8]) -> io::Result<()> {
 
 /// Sends bytes that already hold whole frames.
 pub fn send_raw(bytes: &[u8]) -> io::Result<()> {
+    // Checked before the lock, which another thread may have held when a
+    // copy was forked.
+    if is_fork_copy() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "a forked copy of a worker has no link to the parent",
+        ));
+    }
     let Some(link) = LINK.get() else {
         return Err(io::Error::new(
             io::ErrorKind::NotConnected,

@@ -186,6 +186,12 @@ fn call_one<A, R>(
     });
     CAPTURE.with(|c| c.set(true));
     let result = panic::catch_unwind(AssertUnwindSafe(|| call(arg)));
+    if crate::link::is_fork_copy() {
+        // A copy of the worker that the task forked, returning from the
+        // task: the worker itself answers for it. The copy has no link and
+        // must not run the rest of the batch a second time.
+        crate::task_loop::leave(0);
+    }
     CAPTURE.with(|c| c.set(false));
     result.map_err(|payload| {
         let captured = LAST_PANIC.with(|p| p.borrow_mut().take());

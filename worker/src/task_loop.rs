@@ -113,7 +113,7 @@ pub fn run(fds: WorkerFds) -> ! {
     let out_fd = link_ends.write.as_raw_fd();
     // Both ends live as long as the process.
     std::mem::forget(link_ends);
-    link::set(out_fd);
+    link::set(fd, out_fd);
     // The parent wrote the setup into the pipe before this process existed.
     let mut reader = FrameReader::default();
     let setup: Setup = match reader.read_frame(fd) {
