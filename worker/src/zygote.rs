@@ -415,6 +415,12 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
                         Ok((pid, child)) => {
                             children.insert(pid, child);
                             if spare.is_none() {
+                                // Let the new worker run first if it was woken
+                                // on this CPU: the fork of the next spare
+                                // takes about as long as a short isolated
+                                // call, and would otherwise come before it.
+                                // SAFETY: sched_yield has no preconditions.
+                                unsafe { libc::sched_yield() };
                                 spare = fork_spare(zygote_pid).ok();
                             }
                         }
