@@ -41,9 +41,9 @@ pub fn set(read: RawFd, write: RawFd) {
     });
 }
 
-/// Runs in the child of a `fork` of the worker (glibc and musl run it for
-/// `fork()`; `posix_spawn`, which `Command` uses, does not fork this way
-/// and always executes, which close-on-exec covers).
+/// Runs in the child of a `fork()` of the worker. (`Command` starts its
+/// programs with `posix_spawn`, which skips it, or with `fork` then `exec`,
+/// where closing the ends early changes nothing: they are close-on-exec.)
 extern "C" fn drop_link_in_fork_copy() {
     FORK_COPY.store(true, Ordering::Relaxed);
     for end in [&LINK_READ, &LINK_WRITE] {

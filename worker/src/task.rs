@@ -189,8 +189,11 @@ fn call_one<A, R>(
     if crate::link::is_fork_copy() {
         // A copy of the worker that the task forked, returning from the
         // task: the worker itself answers for it. The copy has no link and
-        // must not run the rest of the batch a second time.
-        crate::task_loop::leave(0);
+        // must not run the rest of the batch a second time. Stdout is not
+        // flushed: another thread may have held its lock at the fork, and
+        // what its buffer held then is the worker's to write.
+        // SAFETY: _exit ends the process without running any more code.
+        unsafe { libc::_exit(0) };
     }
     CAPTURE.with(|c| c.set(false));
     result.map_err(|payload| {
