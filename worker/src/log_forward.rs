@@ -17,6 +17,20 @@ impl log::Log for Forwarder {
         if !self.enabled(record.metadata()) {
             return;
         }
+        if link::is_fork_copy() {
+            // A copy of the worker forked by a task has no link: its records
+            // go to stderr, which still reaches the parent's, prefixed.
+            let line = format!(
+                "{} {}: {}\n",
+                record.level(),
+                record.target(),
+                record.args()
+            );
+            // Not through `std::io::stderr()`, whose lock another thread may
+            // have held at the fork. A failed write has nowhere to go.
+            let _ = crate::sys::write_all(2, line.as_bytes());
+            return;
+        }
         let forwarded = LogRecord {
             level: record.level() as u8,
             target: record.target().to_string(),
@@ -26,20 +40,6 @@ impl log::Log for Forwarder {
             message: record.args().to_string(),
             task_index: crate::task::current_task().map(|t| t.index),
         };
-        if link::is_fork_copy() {
-            // A copy of the worker forked by a task has no link: its records
-            // go to stderr, which still reaches the parent's, prefixed.
-            let line = format!(
-                "{} {}: {}\n",
-                record.level(),
-                forwarded.target,
-                forwarded.message
-            );
-            // Not through `std::io::stderr()`, whose lock another thread may
-            // have held at the fork. A failed write has nowhere to go.
-            let _ = crate::sys::write_all(2, line.as_bytes());
-            return;
-        }
         if let Ok(body) = postcard::to_allocvec(&forwarded) {
             // A dead parent cannot receive it; the worker is about to end anyway.
             let _ = link::send_frame(from_worker::LOG, &body);
