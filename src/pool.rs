@@ -495,8 +495,9 @@ impl Pool {
                 })
             }
             Err(e) => {
-                // A fork-server worker that never got ready never told us its
-                // pid; closing its link (on return) ends it.
+                // A worker the fork server forked on request that never got
+                // ready never told us its pid; closing its link (on return)
+                // ends it.
                 let ended = pid.and_then(|pid| {
                     reaper.kill(pid, libc::SIGKILL);
                     reaper.wait(pid, EXIT_STATUS_TIMEOUT)

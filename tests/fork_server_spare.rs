@@ -1,6 +1,7 @@
-//! The fork server keeps a spare child forked ahead of need. Each call must
-//! still get a fresh process, and a spare that dies before anyone asked for
-//! it must cost nothing but the head start.
+//! The fork server keeps spare children forked ahead of need, and hands
+//! them to the parent. Each call must still get a fresh process, and a spare
+//! that dies before anyone asked for it must cost nothing but the head
+//! start, even when the parent tries to hand a call to it after its death.
 //!
 //! One test per binary: it kills the fork server's idle children, which
 //! would break other tests' workers running at the same time.
@@ -8,6 +9,7 @@
 mod common;
 
 use common::parent_of;
+use procpool_worker::zygote::SPARES;
 use std::time::{Duration, Instant};
 
 fn my_pid(_: ()) -> u32 {
@@ -21,6 +23,28 @@ fn children_of(parent: u32) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
         .filter(|pid| parent_of(*pid) == Some(parent))
         .collect()
+}
+
+/// The fork server's spares, once the processes of finished calls (`seen`)
+/// have exited and it has forked [`SPARES`].
+fn spares_of(server: u32, seen: &[u32]) -> Vec<u32> {
+    let mut spares = Vec::new();
+    eventually("the finished calls' processes exit and spares wait", || {
+        spares = children_of(server);
+        spares.len() == SPARES && spares.iter().all(|pid| !seen.contains(pid))
+    });
+    spares
+}
+
+/// Whether `pid` has exited (a zombie, or reaped).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 /// Waits until `f` holds, for at most 5 s.
@@ -53,32 +77,67 @@ fn every_call_gets_a_fresh_process_even_after_its_spare_is_killed() {
         seen.push(pid);
     }
 
-    // Between calls, the fork server's only living child is its spare
+    // Between calls, the fork server's only living children are its spares
     // (each call's process exits once it has answered).
-    eventually("the finished calls' processes exit", || {
-        children_of(server).len() == 1
+    let spares = spares_of(server, &seen);
+    for &spare in &spares {
+        // SAFETY: kill with a pid we just read and a constant signal.
+        assert_eq!(
+            unsafe { libc::kill(spare as libc::pid_t, libc::SIGKILL) },
+            0
+        );
+    }
+    eventually("the spares exit", || {
+        spares.iter().all(|&pid| has_exited(pid))
     });
-    let spare = match children_of(server).as_slice() {
-        [spare] => *spare,
-        other => panic!("expected one spare, found {other:?}"),
-    };
-    // SAFETY: kill with a pid we just read and a constant signal.
-    assert_eq!(
-        unsafe { libc::kill(spare as libc::pid_t, libc::SIGKILL) },
-        0
-    );
-    eventually("the spare is reaped", || {
-        !children_of(server).contains(&spare)
+    // At once, perhaps before the parent hears of the deaths: a call handed
+    // to a dead spare is started by a fork instead.
+    for _ in 0..3 {
+        let pid = procpool::run_sp(my_pid, ()).unwrap();
+        assert!(!seen.contains(&pid), "process {pid} served two calls");
+        assert!(!spares.contains(&pid), "a killed spare {pid} answered");
+        seen.push(pid);
+    }
+    eventually("new spares wait", || {
+        let now = children_of(server);
+        now.len() == SPARES && now.iter().all(|pid| !spares.contains(pid))
     });
-
-    // Without a spare the next call forks, and a new spare follows it.
     for _ in 0..3 {
         let pid = procpool::run_sp(my_pid, ()).unwrap();
         assert!(!seen.contains(&pid), "process {pid} served two calls");
         seen.push(pid);
     }
-    eventually(
-        "a new spare waits",
-        || matches!(children_of(server).as_slice(), [new] if *new != spare),
+
+    // With the server stopped, it cannot report the spares' deaths: the
+    // parent hands calls to dead spares it still holds, finds them gone, and
+    // asks the server, which answers once it runs again.
+    let spares = spares_of(server, &seen);
+    // The server offers each spare to the parent right after forking it.
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill with pids we just read and constant signals.
+    unsafe {
+        assert_eq!(libc::kill(server as libc::pid_t, libc::SIGSTOP), 0);
+        for &spare in &spares {
+            assert_eq!(libc::kill(spare as libc::pid_t, libc::SIGKILL), 0);
+        }
+    }
+    eventually("the spares exit", || {
+        spares.iter().all(|&pid| has_exited(pid))
+    });
+    let calls = std::thread::spawn(|| {
+        (0..SPARES + 1)
+            .map(|_| procpool::run_sp(my_pid, ()).unwrap())
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(server as libc::pid_t, libc::SIGCONT) },
+        0
     );
+    for pid in calls.join().unwrap() {
+        assert!(!seen.contains(&pid), "process {pid} served two calls");
+        assert!(!spares.contains(&pid), "a killed spare {pid} answered");
+        seen.push(pid);
+    }
 }

@@ -1,7 +1,7 @@
 //! The parent's side of the fork server: starting it, asking it for workers,
 //! and hearing how they ended.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use procpool_worker::protocol::{ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use procpool_worker::protocol::{
+    ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest, handoff_flags,
+};
 use procpool_worker::sys::{self, LinkEnds};
 
 use super::Ended;
@@ -18,10 +20,19 @@ use crate::error::PoolError;
 /// How long a new fork server may take to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A child the fork server forked ahead of need, waiting on `sock` for a
+/// worker's descriptors.
+struct Spare {
+    pid: u32,
+    sock: OwnedFd,
+}
+
 /// A running fork server.
 pub(crate) struct ForkServer {
     ctrl: OwnedFd,
     send_lock: Mutex<()>,
+    /// Spares the server offered that nobody took yet, oldest first.
+    spares: Mutex<VecDeque<Spare>>,
     /// Workers whose exit nobody will wait for.
     forgotten: Mutex<std::collections::HashSet<u32>>,
     exits: Mutex<HashMap<u32, Ended>>,
@@ -134,6 +145,7 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
     let server = Arc::new(ForkServer {
         ctrl: ours,
         send_lock: Mutex::new(()),
+        spares: Mutex::new(VecDeque::new()),
         forgotten: Mutex::new(std::collections::HashSet::new()),
         exits: Mutex::new(HashMap::new()),
         exit_signal: Condvar::new(),
@@ -153,14 +165,19 @@ impl ForkServer {
     fn read_events(&self, mut child: std::process::Child) {
         let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
         loop {
-            let event = match sys::recv_with_fds(self.ctrl.as_raw_fd(), &mut buf) {
+            let (event, fds) = match sys::recv_with_fds(self.ctrl.as_raw_fd(), &mut buf) {
                 Ok((0, _)) | Err(_) => break,
-                Ok((len, _)) => match postcard::from_bytes::<ZygoteEvent>(&buf[..len]) {
-                    Ok(event) => event,
+                Ok((len, fds)) => match postcard::from_bytes::<ZygoteEvent>(&buf[..len]) {
+                    Ok(event) => (event, fds),
                     Err(_) => continue,
                 },
             };
             match event {
+                ZygoteEvent::Spare { pid } => {
+                    if let Some(sock) = fds.into_iter().next() {
+                        lock(&self.spares).push_back(Spare { pid, sock });
+                    }
+                }
                 // A failed fork also closes the worker's link, which its
                 // caller sees; this says why.
                 ZygoteEvent::SpawnFailed { request_id, error } => {
@@ -173,6 +190,14 @@ impl ForkServer {
                 } => {
                     if lock(&self.forgotten).remove(&pid) {
                         continue;
+                    }
+                    {
+                        let mut spares = lock(&self.spares);
+                        if let Some(at) = spares.iter().position(|s| s.pid == pid) {
+                            // Died before anyone took it.
+                            spares.remove(at);
+                            continue;
+                        }
                     }
                     lock(&self.exits).insert(
                         pid,
@@ -197,19 +222,42 @@ impl ForkServer {
         sys::send_with_fds(self.ctrl.as_raw_fd(), &bytes, fds)
     }
 
-    /// Asks for a worker on `link` with the status page `status` and the
-    /// model store `model` (each if any). Returns once the request is sent:
-    /// the worker reports its pid when ready, and a failed fork closes its
-    /// link.
+    /// Starts a worker on `link` with the status page `status` and the
+    /// model store `model` (each if any), from a spare if one is waiting,
+    /// else by asking the server to fork one. Returns once the descriptors
+    /// are sent, with the pid if it came from a spare; otherwise the worker
+    /// reports its pid when ready, and a failed fork closes its link.
     pub fn spawn(
         &self,
         label: &str,
         link: LinkEnds,
         status: Option<BorrowedFd<'_>>,
         model: Option<BorrowedFd<'_>>,
-    ) -> Result<(), PoolError> {
+    ) -> Result<Option<u32>, PoolError> {
         if !self.alive.load(Ordering::Acquire) {
             return Err(PoolError::protocol("the fork server ended"));
+        }
+        let mut fds = vec![link.read.as_raw_fd(), link.write.as_raw_fd()];
+        fds.extend(status.map(|s| s.as_raw_fd()));
+        fds.extend(model.map(|m| m.as_raw_fd()));
+        // The oldest spare has had the longest to get ready.
+        let taken = lock(&self.spares).pop_front();
+        if let Some(spare) = taken {
+            // The server must know the worker before it can write or die.
+            self.send(
+                &ZygoteRequest::Took {
+                    pid: spare.pid,
+                    label: label.to_string(),
+                },
+                &[],
+            )
+            .map_err(|e| PoolError::io("tell the fork server a spare was taken", e))?;
+            let flags = handoff_flags(status.is_some(), model.is_some());
+            if sys::send_with_fds(spare.sock.as_raw_fd(), &[flags], &fds).is_ok() {
+                return Ok(Some(spare.pid));
+            }
+            // The spare died before it got them; nobody waits for its end.
+            self.forget(spare.pid);
         }
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let request = ZygoteRequest::Spawn {
@@ -218,11 +266,9 @@ impl ForkServer {
             has_status: status.is_some(),
             has_model: model.is_some(),
         };
-        let mut fds = vec![link.read.as_raw_fd(), link.write.as_raw_fd()];
-        fds.extend(status.map(|s| s.as_raw_fd()));
-        fds.extend(model.map(|m| m.as_raw_fd()));
         self.send(&request, &fds)
-            .map_err(|e| PoolError::io("ask the fork server for a worker", e))
+            .map_err(|e| PoolError::io("ask the fork server for a worker", e))?;
+        Ok(None)
     }
 
     /// Says nobody will wait for how `pid` ended, so its report is dropped.

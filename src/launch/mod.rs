@@ -75,7 +75,8 @@ pub(crate) enum Purpose {
 
 /// A started worker, before the handshake.
 pub(crate) struct Launched {
-    /// Known at once for workers we start ourselves; a fork-server worker
+    /// Known at once for workers we start ourselves and for a fork-server
+    /// worker that was a spare; one the fork server forks on request
     /// reports its own in its READY.
     pub pid: Option<u32>,
     pub link: LinkEnds,
@@ -392,8 +393,8 @@ pub(crate) fn launch(
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;
-            server.spawn(label, theirs, status_fd, model)?;
-            (None, Reaper::ForkServer(server))
+            let pid = server.spawn(label, theirs, status_fd, model)?;
+            (pid, Reaper::ForkServer(server))
         }
         StartMethod::Spawn => {
             let (pid, reaper) = spawn::spawn(label, theirs, status_fd, model)?;

@@ -159,6 +159,17 @@ pub enum ZygoteRequest {
         /// Whether a model descriptor is attached.
         has_model: bool,
     },
+    /// The parent is about to hand a request's descriptors straight to the
+    /// spare `pid` (announced by [`ZygoteEvent::Spare`]): from now on it is
+    /// a worker, its stderr lines carry `label`, and the server forks the
+    /// next spare. Sent before the hand-off, so the server knows the worker
+    /// before the worker can write or die.
+    Took {
+        /// The spare.
+        pid: u32,
+        /// Prefix for the worker's stderr lines.
+        label: String,
+    },
     /// Send a signal to a worker the fork server has not reaped yet.
     Kill {
         /// The worker.
@@ -192,6 +203,16 @@ pub enum ZygoteEvent {
         /// Its process id.
         pid: u32,
     },
+    /// A spare is waiting: a child forked ahead of need. Attached: a socket
+    /// on which one datagram of [`HANDOFF_FLAGS_LEN`] byte (the
+    /// [`HANDOFF_STATUS`] and [`HANDOFF_MODEL`] bits) with a spawn request's
+    /// descriptors attached makes it that worker, after a
+    /// [`ZygoteRequest::Took`]. The parent owns it from here on; how it
+    /// ends is reported like any worker's.
+    Spare {
+        /// The spare's process id.
+        pid: u32,
+    },
     /// A worker could not be forked.
     SpawnFailed {
         /// From the request.
@@ -208,6 +229,18 @@ pub enum ZygoteEvent {
         /// The last lines it wrote to stderr (at most [`STDERR_TAIL`] bytes).
         stderr_tail: String,
     },
+}
+
+/// Bytes in the datagram that hands a spawn request's descriptors to a spare.
+pub const HANDOFF_FLAGS_LEN: usize = 1;
+/// Hand-off flag: a status page descriptor follows the link's two.
+pub const HANDOFF_STATUS: u8 = 1;
+/// Hand-off flag: the model store's descriptor comes last.
+pub const HANDOFF_MODEL: u8 = 2;
+
+/// The hand-off byte for a worker with these descriptors.
+pub fn handoff_flags(has_status: bool, has_model: bool) -> u8 {
+    (if has_status { HANDOFF_STATUS } else { 0 }) | (if has_model { HANDOFF_MODEL } else { 0 })
 }
 
 /// Bytes of a dead worker's stderr kept to explain its death.

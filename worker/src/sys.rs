@@ -361,11 +361,33 @@ pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// Receives one datagram and the descriptors attached to it (close-on-exec).
 /// An empty datagram with no descriptors means the peer closed.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_with_fds_flags(fd, buf, nix::sys::socket::MsgFlags::empty())
+}
+
+/// Like [`recv_with_fds`], but `None` at once when no datagram is waiting.
+pub fn try_recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    match recv_with_fds_flags(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        Ok(got) => Ok(Some(got)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn recv_with_fds_flags(
+    fd: RawFd,
+    buf: &mut [u8],
+    flags: nix::sys::socket::MsgFlags,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut iov = [io::IoSliceMut::new(buf)];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (bytes, truncated, raw_fds) = loop {
-        match recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        match recvmsg::<()>(
+            fd,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | flags,
+        ) {
             Ok(msg) => {
                 let mut raw = Vec::new();
                 for cmsg in msg.cmsgs()? {

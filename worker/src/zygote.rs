@@ -9,18 +9,23 @@
 //! parent says so when a plain fork of the parent still holds the link. The
 //! parent's main thread also asks for `PR_SET_PDEATHSIG` when it starts us.
 //!
-//! To take the fork off the path of a request, the server keeps one *spare*:
-//! a child forked ahead of need, which has already paid for the fork and
-//! for most of the page faults of a new process, and waits for a request's
-//! descriptors. A request hands them to the spare, and the server forks the
-//! next spare while the new worker starts. Spares are made only at start and
-//! after a request, never in answer to a death, so a spare that cannot live
-//! cannot make the server fork in a loop.
+//! To take the fork off the path of a request, the server keeps [`SPARES`]
+//! *spares*: children forked ahead of need, which have already paid for the
+//! fork and for most of the page faults of a new process, and wait for a
+//! request's descriptors. The server gives the parent each spare's hand-off
+//! socket, so the parent starts a worker by writing to a spare directly,
+//! with no turn of the server in between; the parent's `Took` message makes
+//! the server fork a replacement. Spares are made only at start and after a
+//! request, never in answer to a death, so a spare that cannot live cannot
+//! make the server fork in a loop.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::protocol::{ExitInfo, STDERR_TAIL, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest};
+use crate::protocol::{
+    ExitInfo, HANDOFF_FLAGS_LEN, HANDOFF_MODEL, HANDOFF_STATUS, STDERR_TAIL, ZYGOTE_DATAGRAM,
+    ZygoteEvent, ZygoteRequest,
+};
 use crate::sys::{self, WorkerFds};
 
 struct Child {
@@ -49,12 +54,17 @@ impl Child {
     }
 }
 
-/// A child forked ahead of need, waiting on `sock` for a spawn request.
+/// Spares kept ready. A new worker wakes on an idle CPU, and the server,
+/// woken at the same moment by `Took`, often lands behind it there and
+/// replaces the spare only once the worker has run; with a second spare in
+/// hand, a call that comes sooner still finds one.
+pub const SPARES: usize = 2;
+
+/// A child forked ahead of need and offered to the parent, which holds the
+/// hand-off socket it waits on.
 struct Spare {
     pid: u32,
-    /// The server's end of the hand-off socket.
-    sock: OwnedFd,
-    /// The read end of the spare's stderr pipe.
+    /// The read end of the spare's stderr pipe, read once the parent takes it.
     stderr: OwnedFd,
 }
 
@@ -105,7 +115,7 @@ fn decode_status(status: libc::c_int) -> ExitInfo {
     }
 }
 
-fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spare>) {
+fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spares: &mut Vec<Spare>) {
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
@@ -114,11 +124,11 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spar
             return;
         }
         let pid = pid as u32;
-        let Some(mut child) = children.remove(&pid) else {
-            // A spare that nobody asked for yet: the parent never heard of it.
-            if spare.as_ref().is_some_and(|s| s.pid == pid) {
-                *spare = None;
-            }
+        // The parent was offered the spare, so it hears of its end too.
+        let child = children.remove(&pid).or_else(|| {
+            take_spare(spares, pid).map(|s| Child::new(format!("procpool spare {pid}"), s.stderr))
+        });
+        let Some(mut child) = child else {
             continue;
         };
         // Forward what the child wrote before it died, before saying it died.
@@ -139,37 +149,6 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spare: &mut Option<Spar
 /// The link, the signalfd and the parent's exit come first in the poll set;
 /// the children's stderr pipes follow.
 const FIXED_POLLFDS: usize = 3;
-
-/// Bits of the byte that hands a spawn request's descriptors to a spare.
-const HANDOFF_STATUS: u8 = 1;
-const HANDOFF_MODEL: u8 = 2;
-
-/// Starts a worker from the descriptors of a spawn request: hands them to
-/// the spare if there is one, else forks.
-fn start_worker(
-    zygote_pid: libc::pid_t,
-    fds: WorkerFds,
-    label: String,
-    spare: &mut Option<Spare>,
-) -> Result<(u32, Child), String> {
-    if let Some(taken) = spare.take() {
-        let flags = if fds.status.is_some() {
-            HANDOFF_STATUS
-        } else {
-            0
-        } | if fds.model.is_some() {
-            HANDOFF_MODEL
-        } else {
-            0
-        };
-        // The spare gets its own copies; ours close when `fds` drops.
-        if sys::send_with_fds(taken.sock.as_raw_fd(), &[flags], &fds.raw()).is_ok() {
-            return Ok((taken.pid, Child::new(label, taken.stderr)));
-        }
-        // The spare is gone (its exit is reaped and dropped): fork instead.
-    }
-    fork_worker(zygote_pid, fds, label)
-}
 
 fn fork_worker(
     zygote_pid: libc::pid_t,
@@ -196,8 +175,38 @@ fn stderr_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((read, write))
 }
 
-/// Forks a spare that waits for a spawn request's descriptors.
-fn fork_spare(zygote_pid: libc::pid_t) -> Result<Spare, String> {
+/// Removes the spare `pid` from `spares`, if it is there.
+fn take_spare(spares: &mut Vec<Spare>, pid: u32) -> Option<Spare> {
+    let at = spares.iter().position(|s| s.pid == pid)?;
+    Some(spares.swap_remove(at))
+}
+
+/// Forks spares until there are [`SPARES`] (or a fork fails), offering each
+/// to the parent on `ctrl`.
+fn refill_spares(ctrl: RawFd, zygote_pid: libc::pid_t, spares: &mut Vec<Spare>) {
+    while spares.len() < SPARES {
+        match offer_spare(ctrl, zygote_pid) {
+            Some(spare) => spares.push(spare),
+            None => return,
+        }
+    }
+}
+
+/// Forks a spare and offers it to the parent on `ctrl`, with the socket on
+/// which the spare waits for a spawn request's descriptors.
+fn offer_spare(ctrl: RawFd, zygote_pid: libc::pid_t) -> Option<Spare> {
+    let (spare, sock) = fork_spare(zygote_pid).ok()?;
+    if let Ok(bytes) = postcard::to_allocvec(&ZygoteEvent::Spare { pid: spare.pid }) {
+        // If the parent is gone the next poll sees the hang-up and we exit,
+        // killing the spare.
+        let _ = sys::send_with_fds(ctrl, &bytes, &[sock.as_raw_fd()]);
+    }
+    Some(spare)
+}
+
+/// Forks a spare; returns it and the socket on which it waits for a spawn
+/// request's descriptors.
+fn fork_spare(zygote_pid: libc::pid_t) -> Result<(Spare, OwnedFd), String> {
     let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
         .map_err(|e| format!("cannot create a hand-off socket: {e}"))?;
     let (err_read, err_write) = stderr_pipe()?;
@@ -210,15 +219,17 @@ fn fork_spare(zygote_pid: libc::pid_t) -> Result<Spare, String> {
         drop((ours, err_read));
         wait_as_spare(zygote_pid, theirs, err_write);
     }
-    Ok(Spare {
-        pid: pid as u32,
-        sock: ours,
-        stderr: err_read,
-    })
+    Ok((
+        Spare {
+            pid: pid as u32,
+            stderr: err_read,
+        },
+        ours,
+    ))
 }
 
 /// In a freshly forked spare: get ready, wait for a spawn request's
-/// descriptors on `sock`, and become that worker. Exits when the server
+/// descriptors on `sock`, and become that worker. Exits when the parent
 /// closes `sock` instead.
 fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
     sys::reset_signals_for_child();
@@ -234,15 +245,15 @@ fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
     // `sock_fd` is at least 3: 0 to 2 were open when the socket was made.
     sys::close_range(3..=sock_fd as u32 - 1);
     sys::close_range(sock_fd as u32 + 1..=u32::MAX);
-    let mut flags = [0u8; 1];
+    let mut flags = [0u8; HANDOFF_FLAGS_LEN];
     let (len, fds) = match sys::recv_with_fds(sock_fd, &mut flags) {
         Ok(got) => got,
         // SAFETY: as above.
         Err(_) => unsafe { libc::_exit(0) },
     };
     drop(sock);
-    if len != 1 {
-        // The server let us go.
+    if len != HANDOFF_FLAGS_LEN {
+        // The parent let us go.
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
@@ -344,7 +355,8 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
     );
     let mut children: HashMap<u32, Child> = HashMap::new();
     // Without a spare, a request simply forks.
-    let mut spare: Option<Spare> = fork_spare(zygote_pid).ok();
+    let mut spares = Vec::with_capacity(SPARES);
+    refill_spares(ctrl_fd, zygote_pid, &mut spares);
     let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
     loop {
         let mut pollfds = vec![
@@ -390,62 +402,104 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
             }
         }
         if pollfds[2].revents != 0 {
-            shutdown(&mut children, spare);
+            shutdown(&mut children, spares);
+        }
+        if pollfds[0].revents != 0 || pollfds[1].revents != 0 {
+            // Every waiting request before any exit is reaped: a worker the
+            // parent took from the spare may already be dead, and the `Took`
+            // sent before the hand-off says whose it is.
+            let mut asked = false;
+            loop {
+                match sys::try_recv_with_fds(ctrl_fd, &mut buf) {
+                    Ok(None) => break,
+                    Ok(Some((0, fds))) if fds.is_empty() => shutdown(&mut children, spares),
+                    Ok(Some((len, fds))) => {
+                        asked |= serve(
+                            ctrl_fd,
+                            zygote_pid,
+                            &buf[..len],
+                            fds,
+                            &mut children,
+                            &mut spares,
+                        );
+                    }
+                    Err(_) => shutdown(&mut children, spares),
+                }
+            }
+            if asked && spares.len() < SPARES {
+                // Let the new worker run first if it was woken on this CPU:
+                // the fork of the next spare takes about as long as a short
+                // isolated call, and would otherwise come before it.
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
+                refill_spares(ctrl_fd, zygote_pid, &mut spares);
+            }
         }
         if pollfds[1].revents != 0 {
             let mut info = [0u8; 128];
             // SAFETY: draining the signalfd into a buffer of a siginfo's size.
             while unsafe { libc::read(sigfd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
-            reap(ctrl_fd, &mut children, &mut spare);
+            reap(ctrl_fd, &mut children, &mut spares);
         }
-        if pollfds[0].revents != 0 {
-            match sys::recv_with_fds(ctrl_fd, &mut buf) {
-                Ok((0, fds)) if fds.is_empty() => shutdown(&mut children, spare),
-                Ok((len, fds)) => match postcard::from_bytes::<ZygoteRequest>(&buf[..len]) {
-                    Ok(ZygoteRequest::Spawn {
-                        request_id,
-                        label,
-                        has_status,
-                        has_model,
-                    }) => match WorkerFds::from_received(fds, has_status, has_model)
-                        .ok_or_else(|| "spawn request carried the wrong descriptors".to_string())
-                        .and_then(|fds| start_worker(zygote_pid, fds, label, &mut spare))
-                    {
-                        // The worker tells its parent its pid itself.
-                        Ok((pid, child)) => {
-                            children.insert(pid, child);
-                            if spare.is_none() {
-                                // Let the new worker run first if it was woken
-                                // on this CPU: the fork of the next spare
-                                // takes about as long as a short isolated
-                                // call, and would otherwise come before it.
-                                // SAFETY: sched_yield has no preconditions.
-                                unsafe { libc::sched_yield() };
-                                spare = fork_spare(zygote_pid).ok();
-                            }
-                        }
-                        Err(error) => {
-                            send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error })
-                        }
-                    },
-                    Ok(ZygoteRequest::Kill { pid, signal }) => {
-                        if children.contains_key(&pid) {
-                            // SAFETY: `pid` is our unreaped child, so it cannot
-                            // have been reused by another process.
-                            unsafe { libc::kill(pid as libc::pid_t, signal) };
-                        }
-                    }
-                    Err(e) => eprintln!("procpool fork server: bad request: {e}"),
-                },
-                Err(_) => shutdown(&mut children, spare),
+    }
+}
+
+/// Serves one request from the parent; returns whether it started a worker
+/// (or the parent took a spare for one).
+fn serve(
+    ctrl_fd: RawFd,
+    zygote_pid: libc::pid_t,
+    request: &[u8],
+    fds: Vec<OwnedFd>,
+    children: &mut HashMap<u32, Child>,
+    spares: &mut Vec<Spare>,
+) -> bool {
+    match postcard::from_bytes::<ZygoteRequest>(request) {
+        Ok(ZygoteRequest::Spawn {
+            request_id,
+            label,
+            has_status,
+            has_model,
+        }) => match WorkerFds::from_received(fds, has_status, has_model)
+            .ok_or_else(|| "spawn request carried the wrong descriptors".to_string())
+            .and_then(|fds| fork_worker(zygote_pid, fds, label))
+        {
+            // The worker tells its parent its pid itself.
+            Ok((pid, child)) => {
+                children.insert(pid, child);
+                true
             }
+            Err(error) => {
+                send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error });
+                false
+            }
+        },
+        Ok(ZygoteRequest::Took { pid, label }) => {
+            // A spare that already died was reported as one; the parent
+            // then finds its socket closed and asks again.
+            if let Some(taken) = take_spare(spares, pid) {
+                children.insert(pid, Child::new(label, taken.stderr));
+            }
+            true
+        }
+        Ok(ZygoteRequest::Kill { pid, signal }) => {
+            if children.contains_key(&pid) {
+                // SAFETY: `pid` is our unreaped child, so it cannot have
+                // been reused by another process.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
+            }
+            false
+        }
+        Err(e) => {
+            eprintln!("procpool fork server: bad request: {e}");
+            false
         }
     }
 }
 
 /// The parent went away: kill every worker, reap them, and exit.
-fn shutdown(children: &mut HashMap<u32, Child>, spare: Option<Spare>) -> ! {
-    if let Some(spare) = spare {
+fn shutdown(children: &mut HashMap<u32, Child>, spares: Vec<Spare>) -> ! {
+    for spare in spares {
         let mut status = 0;
         // SAFETY: the spare is our unreaped child; the wait blocks only
         // until the SIGKILL takes effect.
