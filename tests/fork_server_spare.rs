@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::parent_of;
+use common::{has_exited, parent_of};
 use procpool_worker::zygote::SPARES;
 use std::time::{Duration, Instant};
 
@@ -34,17 +34,6 @@ fn spares_of(server: u32, seen: &[u32]) -> Vec<u32> {
         spares.len() == SPARES && spares.iter().all(|pid| !seen.contains(pid))
     });
     spares
-}
-
-/// Whether `pid` has exited (a zombie, or reaped).
-fn has_exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    }
 }
 
 /// Waits until `f` holds, for at most 5 s.

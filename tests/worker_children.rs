@@ -133,32 +133,47 @@ fn fork_and_return_in_both(_: &ArchivedSmall, x: u64) -> (u64, i32) {
 
 /// Kills every process for which `left_behind` says yes, given its pid;
 /// returns how many.
-fn kill_processes(left_behind: impl Fn(libc::pid_t) -> bool) -> usize {
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-            continue;
-        };
-        if left_behind(pid) {
-            // SAFETY: a plain kill of a process this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed += 1;
-        }
+/// Waits up to 5 s for `expected` living processes that `left_behind`
+/// matches (one that a crashed task left may not have run far enough to be
+/// told apart when the crash is reported), then kills them; returns how
+/// many there were.
+fn kill_processes(expected: usize, left_behind: impl Fn(libc::pid_t) -> bool) -> usize {
+    let started = Instant::now();
+    let mut found = living_processes(&left_behind);
+    while found.len() < expected && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+        found = living_processes(&left_behind);
     }
-    killed
+    for &pid in &found {
+        // SAFETY: a plain kill of a process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    found.len()
 }
 
-/// Ends the forked copies `fork_an_orphan_and_abort` left; returns how many.
-fn kill_forked_orphans() -> usize {
-    kill_processes(|pid| {
+/// The processes, zombies aside, that `matches`.
+fn living_processes(matches: impl Fn(libc::pid_t) -> bool) -> Vec<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<libc::pid_t>().ok())
+        .filter(|pid| !has_exited(*pid as u32) && matches(*pid))
+        .collect()
+}
+
+/// Ends the forked copies `fork_an_orphan_and_abort` left, once `expected`
+/// are there; returns how many there were.
+fn kill_forked_orphans(expected: usize) -> usize {
+    kill_processes(expected, |pid| {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         comm.trim_end() == FORKED_ORPHAN_COMM
     })
 }
 
-/// Ends the programs `leave_an_orphan_and_abort` left; returns how many.
-fn kill_orphans() -> usize {
-    kill_processes(|pid| {
+/// Ends the programs `leave_an_orphan_and_abort` left, once `expected` are
+/// there; returns how many there were.
+fn kill_orphans(expected: usize) -> usize {
+    kill_processes(expected, |pid| {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         cmdline.split(|b| *b == 0).next() == Some(ORPHAN_NAME.as_bytes())
     })
@@ -226,14 +241,14 @@ fn a_crash_is_seen_at_once_while_a_child_of_the_task_lives() {
     assert_crash_seen_at_once(orphan_then_abort, isolated_orphan_then_abort);
     // One per pool (the crashing task is not retried) and one for run_sp:
     // the case really had a program outlive the crash.
-    assert_eq!(kill_orphans(), 3);
+    assert_eq!(kill_orphans(3), 3);
 }
 
 #[test]
 fn a_crash_is_seen_at_once_while_a_forked_copy_of_the_worker_lives() {
     assert_crash_seen_at_once(fork_then_abort, isolated_fork_then_abort);
     // The copies really outlived the crashes.
-    assert_eq!(kill_forked_orphans(), 3);
+    assert_eq!(kill_forked_orphans(3), 3);
 }
 
 #[test]

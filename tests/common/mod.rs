@@ -32,16 +32,28 @@ pub fn panic_on_13(model: &ArchivedSmall, x: u64) -> u64 {
     x + model.offset.to_native()
 }
 
-/// The parent of process `pid`, from `/proc`; `None` once it is gone.
-pub fn parent_of(pid: u32) -> Option<u32> {
+/// The fields of `/proc/PID/stat` after the command name, from the state
+/// on; `None` once the process is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields follow the last ')'.
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    Some(
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// The parent of process `pid`, from `/proc`; `None` once it is gone.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// Whether process `pid` has exited: a zombie, or gone.
+pub fn has_exited(pid: u32) -> bool {
+    stat_fields(pid).is_none_or(|fields| fields.first().is_some_and(|state| state == "Z"))
 }
 
 /// One record a capturing logger saw.
