@@ -39,6 +39,10 @@ pub(crate) struct ForkServer {
     exit_signal: Condvar,
     next_request: AtomicU64,
     alive: AtomicBool,
+    /// The process that started it. A plain fork of that process inherits
+    /// this value but not the thread that reads the server's events, and
+    /// must not take the spares its parent holds.
+    owner: u32,
 }
 
 static SERVER: Mutex<Option<Arc<ForkServer>>> = Mutex::new(None);
@@ -47,11 +51,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The running fork server, started now if there is none (or it died).
+/// The running fork server, started now if there is none (or it died, or
+/// it is the server of the process this one was forked from).
 pub(crate) fn get() -> Result<Arc<ForkServer>, PoolError> {
     let mut slot = lock(&SERVER);
     if let Some(server) = slot.as_ref() {
-        if server.alive.load(Ordering::Acquire) {
+        if server.alive.load(Ordering::Acquire) && server.owner == std::process::id() {
             return Ok(Arc::clone(server));
         }
     }
@@ -151,6 +156,7 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
         exit_signal: Condvar::new(),
         next_request: AtomicU64::new(1),
         alive: AtomicBool::new(true),
+        owner: std::process::id(),
     });
     let reader = Arc::clone(&server);
     std::thread::Builder::new()
