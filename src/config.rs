@@ -6,16 +6,11 @@ use crate::error::ConfigError;
 
 /// The environment variable that sets process counts: `"8"`, or `"8,2"` for
 /// 8 processes at level 0 and 2 in each of them at level 1.
-pub const NUM_PROCS_ENV: &str = "PROCPOOL_NUM_PROCS";
+pub const NUM_PROCS_ENV: &str = procpool_worker::protocol::NUM_PROCS_ENV;
 
 /// Thread-count variables of common native libraries (and rayon) that
 /// workers get set to their share of the CPUs, unless already set.
-pub const THREAD_ENV_VARS: [&str; 4] = [
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "RAYON_NUM_THREADS",
-];
+pub const THREAD_ENV_VARS: [&str; 4] = procpool_worker::protocol::THREAD_ENV_VARS;
 
 /// How many processes to use at nesting `level` (0 = the outermost pool).
 ///

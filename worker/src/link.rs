@@ -32,6 +32,14 @@ pub fn set(read: RawFd, write: RawFd) {
     let _ = LINK.set(Mutex::new(write));
     LINK_READ.store(read, Ordering::Relaxed);
     LINK_WRITE.store(write, Ordering::Relaxed);
+    register_fork_handler();
+}
+
+/// Registers the handler that drops the link in a copy made by `fork` (see
+/// [`set`], which calls it too). A spare calls it while it waits: the
+/// registration allocates, which a new worker's first allocation would
+/// otherwise pay for in page faults.
+pub fn register_fork_handler() {
     static HANDLER: Once = Once::new();
     HANDLER.call_once(|| {
         // SAFETY: registers a handler that runs in the child of each later

@@ -231,6 +231,19 @@ pub enum ZygoteEvent {
     },
 }
 
+/// The environment variable that carries process counts per nesting level;
+/// every worker's [`Setup::env`] sets it.
+pub const NUM_PROCS_ENV: &str = "PROCPOOL_NUM_PROCS";
+
+/// Thread-count variables of common native libraries (and rayon); every
+/// worker's [`Setup::env`] sets them.
+pub const THREAD_ENV_VARS: [&str; 4] = [
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+];
+
 /// Bytes in the datagram that hands a spawn request's descriptors to a spare.
 pub const HANDOFF_FLAGS_LEN: usize = 1;
 /// Hand-off flag: a status page descriptor follows the link's two.

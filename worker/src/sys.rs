@@ -528,6 +528,16 @@ pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Duplicates `fd` onto `target`, close-on-exec.
+pub fn dup_cloexec_to(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        return set_cloexec(fd, true);
+    }
+    // SAFETY: dup3 on descriptors we own; `target` is replaced atomically.
+    cvt(unsafe { libc::dup3(fd, target, libc::O_CLOEXEC) })?;
+    Ok(())
+}
+
 /// Closes every descriptor from `first` upwards.
 pub fn close_from(first: RawFd) {
     close_range(first as u32..=u32::MAX);
@@ -552,8 +562,13 @@ pub fn close_range(range: std::ops::RangeInclusive<u32>) {
 
 /// An owned descriptor duplicated from a borrowed one.
 pub fn dup_owned(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    dup_at_least(fd, 3)
+}
+
+/// An owned, close-on-exec duplicate of `fd` numbered `lowest` or more.
+pub fn dup_at_least(fd: &impl AsRawFd, lowest: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own.
-    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, lowest) })?;
     // SAFETY: `new` is fresh and owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }

@@ -228,6 +228,10 @@ fn fork_spare(zygote_pid: libc::pid_t) -> Result<(Spare, OwnedFd), String> {
     ))
 }
 
+/// The lowest descriptor number above a worker's fixed ones (3 to 6, see
+/// [`WorkerFds`]).
+const FIRST_FREE_FD: RawFd = 7;
+
 /// In a freshly forked spare: get ready, wait for a spawn request's
 /// descriptors on `sock`, and become that worker. Exits when the parent
 /// closes `sock` instead.
@@ -245,13 +249,24 @@ fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
     // `sock_fd` is at least 3: 0 to 2 were open when the socket was made.
     sys::close_range(3..=sock_fd as u32 - 1);
     sys::close_range(sock_fd as u32 + 1..=u32::MAX);
+    // Above the worker's fixed numbers, the socket leaves them free: the
+    // descriptors it brings land there, since the kernel gives the lowest
+    // free numbers, and need no moving (see `adopt_descriptors`).
+    let high = sys::dup_at_least(&sock, FIRST_FREE_FD);
+    drop(sock);
+    let Ok(sock) = high else {
+        // SAFETY: as above.
+        unsafe { libc::_exit(3) }
+    };
+    crate::task_loop::rehearse_start();
     let mut flags = [0u8; HANDOFF_FLAGS_LEN];
-    let (len, fds) = match sys::recv_with_fds(sock_fd, &mut flags) {
+    let (len, fds) = match sys::recv_with_fds(sock.as_raw_fd(), &mut flags) {
         Ok(got) => got,
         // SAFETY: as above.
         Err(_) => unsafe { libc::_exit(0) },
     };
-    drop(sock);
+    // Closed with every other stray descriptor when the worker takes its own.
+    std::mem::forget(sock);
     if len != HANDOFF_FLAGS_LEN {
         // The parent let us go.
         // SAFETY: as above.
@@ -278,9 +293,45 @@ pub fn become_worker(parent_pid: libc::pid_t, fds: WorkerFds, stderr: Option<Own
 }
 
 /// Puts a new worker's descriptors in place (see `become_worker`) and runs
-/// the worker.
+/// the worker. The descriptors in `fds` are close-on-exec: the parent makes
+/// them so, and a spare receives them so (`MSG_CMSG_CLOEXEC`).
 fn adopt_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
-    // Move the kept descriptors high first so the dup2 calls cannot clobber them.
+    let (has_status, has_model) = (fds.status.is_some(), fds.model.is_some());
+    // A spare closed every other descriptor before it waited, so the kernel
+    // put the ones it received at the lowest free numbers: for a pool's
+    // worker and for an isolated call, the very numbers they need.
+    let mut wanted = vec![3, 4];
+    wanted.extend(fds.status.as_ref().map(|_| 5));
+    wanted.extend(fds.model.as_ref().map(|_| 6));
+    if stderr.is_some() || fds.raw() != wanted {
+        move_descriptors(fds, stderr);
+    } else {
+        // Already in place; the numbers are taken over below.
+        std::mem::forget(fds);
+    }
+    if !has_status {
+        sys::close_range(5..=5);
+    }
+    sys::close_from(if has_model { 7 } else { 6 });
+    // SAFETY: 3 and 4 now hold the link, 5 the status page and 6 the model
+    // store (each if present), owned by nobody else in this process.
+    let fds = unsafe {
+        WorkerFds {
+            link: sys::LinkEnds {
+                read: OwnedFd::from_raw_fd(3),
+                write: OwnedFd::from_raw_fd(4),
+            },
+            status: has_status.then(|| OwnedFd::from_raw_fd(5)),
+            model: has_model.then(|| OwnedFd::from_raw_fd(6)),
+        }
+    };
+    crate::task_loop::run_adopted(fds)
+}
+
+/// Moves `fds` to their fixed numbers, close-on-exec, and `stderr`, if
+/// given, to 2; the originals stay open until `close_from`.
+fn move_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) {
+    // Move the kept descriptors high first so the dup calls cannot clobber them.
     let high = |fd: OwnedFd| -> RawFd {
         // SAFETY: F_DUPFD returns a new descriptor >= 100 that we own.
         let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 100) };
@@ -295,31 +346,14 @@ fn adopt_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
     let model = fds.model.map(high);
     let err = stderr.map(high);
     let ok = err.is_none_or(|e| sys::dup_to(e, 2).is_ok())
-        && sys::dup_to(read, 3).is_ok()
-        && sys::dup_to(write, 4).is_ok()
-        && status.is_none_or(|s| sys::dup_to(s, 5).is_ok())
-        && model.is_none_or(|m| sys::dup_to(m, 6).is_ok());
+        && sys::dup_cloexec_to(read, 3).is_ok()
+        && sys::dup_cloexec_to(write, 4).is_ok()
+        && status.is_none_or(|s| sys::dup_cloexec_to(s, 5).is_ok())
+        && model.is_none_or(|m| sys::dup_cloexec_to(m, 6).is_ok());
     if !ok {
         // SAFETY: as above.
         unsafe { libc::_exit(3) };
     }
-    if status.is_none() {
-        sys::close_range(5..=5);
-    }
-    sys::close_from(if model.is_some() { 7 } else { 6 });
-    // SAFETY: 3 and 4 now hold the link, 5 the status page and 6 the model
-    // store (each if present), owned by nobody else in this process.
-    let fds = unsafe {
-        WorkerFds {
-            link: sys::LinkEnds {
-                read: OwnedFd::from_raw_fd(3),
-                write: OwnedFd::from_raw_fd(4),
-            },
-            status: status.map(|_| OwnedFd::from_raw_fd(5)),
-            model: model.map(|_| OwnedFd::from_raw_fd(6)),
-        }
-    };
-    crate::task_loop::run(fds)
 }
 
 /// Runs the fork server on the link `ctrl`; `parent_exit`, if the kernel
