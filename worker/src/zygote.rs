@@ -11,8 +11,9 @@
 //!
 //! To take the fork off the path of a request, the server keeps [`SPARES`]
 //! *spares*: children forked ahead of need, which have already paid for the
-//! fork and for most of the page faults of a new process, and wait for a
-//! request's descriptors. The server gives the parent each spare's hand-off
+//! fork and, by rehearsing a worker's start while they wait, for nearly all
+//! of the page faults of a new worker, and wait for a request's
+//! descriptors. The server gives the parent each spare's hand-off
 //! socket, so the parent starts a worker by writing to a spare directly,
 //! with no turn of the server in between; the parent's `Took` message makes
 //! the server fork a replacement. Spares are made only at start and after a
