@@ -8,6 +8,10 @@ fn worker_env(_: &ArchivedSmall, name: String) -> Option<String> {
     std::env::var(&name).ok()
 }
 
+fn isolated_env(name: String) -> Option<String> {
+    std::env::var(&name).ok()
+}
+
 #[test]
 fn proc_count_forms_and_worker_environment() {
     // SAFETY (for every set_var/remove_var below): this binary's only test
@@ -75,6 +79,13 @@ fn proc_count_forms_and_worker_environment() {
     let want = ["3", "3", "3", "5", "3"].map(|s| Some(s.to_string()));
     assert_eq!(got, want);
     drop(inv);
+    // An isolated call's process too (it starts from a spare that set
+    // placeholders for these variables while it waited).
+    let got: Vec<Option<String>> = names
+        .iter()
+        .map(|name| procpool::run_sp(isolated_env, name.to_string()).unwrap())
+        .collect();
+    assert_eq!(got, want);
 
     // A malformed variable stops an invoker that relies on it.
     // SAFETY: this test alone changes the environment, on this thread.
