@@ -441,7 +441,7 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
         }
         if pollfds[0].revents != 0 || pollfds[1].revents != 0 {
             // Every waiting request before any exit is reaped: a worker the
-            // parent took from the spare may already be dead, and the `Took`
+            // parent took from a spare may already be dead, and the `Took`
             // sent before the hand-off says whose it is.
             let mut asked = false;
             loop {
