@@ -42,6 +42,41 @@ fn returns_the_value() {
     assert_eq!(parts, vec!["a", "b"]);
 }
 
+fn double_with_pid(n: u64) -> (u64, u32) {
+    (n * 2, std::process::id())
+}
+
+#[test]
+fn calls_from_many_threads_each_get_a_fresh_process() {
+    // More threads than spares: some calls take a spare, some wait for the
+    // fork server to fork, and each gets a process of its own.
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                (0..25u64)
+                    .map(|i| {
+                        let n = t * 100 + i;
+                        let (doubled, pid) = procpool::run_sp(double_with_pid, n).unwrap();
+                        assert_eq!(doubled, n * 2);
+                        pid
+                    })
+                    .collect::<Vec<u32>>()
+            })
+        })
+        .collect();
+    let mut pids: Vec<u32> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 200);
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 200, "a process served two calls");
+    assert!(!pids.contains(&std::process::id()));
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
 fn reversed(v: Vec<u32>) -> Vec<u32> {
     v.into_iter().rev().collect()
 }
