@@ -45,15 +45,6 @@ fn kill_fork_server(workers: &[u32]) -> u32 {
     server
 }
 
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| parent_of(*pid) == Some(parent))
-        .collect()
-}
-
 #[test]
 fn a_killed_fork_server_is_replaced_and_its_workers_too() {
     procpool::init();

@@ -8,21 +8,12 @@
 
 mod common;
 
-use common::{has_exited, parent_of};
+use common::{children_of, has_exited};
 use procpool_worker::zygote::SPARES;
 use std::time::{Duration, Instant};
 
 fn my_pid(_: ()) -> u32 {
     std::process::id()
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| parent_of(*pid) == Some(parent))
-        .collect()
 }
 
 /// The fork server's spares, once the processes of finished calls (`seen`)

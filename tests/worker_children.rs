@@ -153,11 +153,10 @@ fn kill_processes(expected: usize, left_behind: impl Fn(libc::pid_t) -> bool) ->
 
 /// The processes, zombies aside, that `matches`.
 fn living_processes(matches: impl Fn(libc::pid_t) -> bool) -> Vec<libc::pid_t> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<libc::pid_t>().ok())
-        .filter(|pid| !has_exited(*pid as u32) && matches(*pid))
+    all_pids()
+        .into_iter()
+        .filter(|pid| !has_exited(*pid) && matches(*pid as libc::pid_t))
+        .map(|pid| pid as libc::pid_t)
         .collect()
 }
 

@@ -51,6 +51,23 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
 }
 
+/// Every process id in `/proc`.
+pub fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .collect()
+}
+
+/// The children of process `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|pid| parent_of(*pid) == Some(parent))
+        .collect()
+}
+
 /// Whether process `pid` has exited: a zombie, or gone.
 pub fn has_exited(pid: u32) -> bool {
     stat_fields(pid).is_none_or(|fields| fields.first().is_some_and(|state| state == "Z"))
