@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 #[derive(rkyv::Archive, rkyv::Serialize)]
 struct Factor {
     k: u64,
@@ -75,21 +73,6 @@ fn a_task_makes_isolated_calls() {
     assert_eq!(inner_pids.len(), 6, "each call gets a process of its own");
 }
 
-/// Waits up to 2 s for every process in `pids` to exit.
-fn assert_all_exit(pids: &[u32], after: &str) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while pids.iter().any(|&pid| !common::has_exited(pid)) {
-        assert!(
-            Instant::now() < deadline,
-            "still running 2 s after {after}: {:?}",
-            pids.iter()
-                .filter(|&&p| !common::has_exited(p))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_task_runs_a_pool_and_nothing_of_it_outlives_the_worker() {
     let store = procpool::persist(&Factor { k: 3 }).unwrap();
@@ -118,7 +101,7 @@ fn a_task_runs_a_pool_and_nothing_of_it_outlives_the_worker() {
         "no inner fork server left running before shutdown: {inner:?}"
     );
     inv.shutdown();
-    assert_all_exit(&inner, "shutdown");
+    common::assert_all_exit(&inner, "shutdown");
 }
 
 #[test]
@@ -139,7 +122,7 @@ fn an_inner_fork_server_dies_with_a_killed_worker() {
         unsafe { libc::kill(run.worker_pid as i32, libc::SIGKILL) },
         0
     );
-    assert_all_exit(&alive, "its worker's SIGKILL");
+    common::assert_all_exit(&alive, "its worker's SIGKILL");
     // The pool replaces the worker and goes on.
     let again = inv.map([10u64]).next().unwrap().unwrap().unwrap();
     assert_eq!(again.sum, 2 * (0..10).sum::<u64>());

@@ -35,17 +35,9 @@ fn child_program_using_pools() {
     std::mem::forget(kept);
 }
 
+/// A zombie waiting for a reaper we do not control has released everything.
 fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie waiting for a reaper we do not control has released everything.
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    !has_exited(pid)
 }
 
 /// Processes running this test binary that are not us or our descendants.

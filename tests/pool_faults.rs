@@ -280,18 +280,6 @@ fn a_worker_that_dies_before_it_is_ready_is_an_error_not_a_hang() {
     );
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn a_panic_in_the_parent_mid_map_stops_the_work_promptly() {
     let store = procpool::persist(&small()).unwrap();
@@ -317,12 +305,5 @@ fn a_panic_in_the_parent_mid_map_stops_the_work_promptly() {
         "took {:?}",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while pids.iter().any(|&p| alive(p)) {
-        assert!(
-            Instant::now() < deadline,
-            "workers outlived the panic: {pids:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert_all_exit(&pids, "the panic");
 }

@@ -73,6 +73,20 @@ pub fn has_exited(pid: u32) -> bool {
     stat_fields(pid).is_none_or(|fields| fields.first().is_some_and(|state| state == "Z"))
 }
 
+/// Waits up to 2 s for every process in `pids` to exit; fails the test,
+/// naming those still running and `after` what, if some do not.
+pub fn assert_all_exit(pids: &[u32], after: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while pids.iter().any(|&pid| !has_exited(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 2 s after {after}: {:?}",
+            pids.iter().filter(|&&p| !has_exited(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// One record a capturing logger saw.
 #[derive(Debug, Clone)]
 pub struct Captured {
