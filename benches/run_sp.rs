@@ -9,9 +9,17 @@
 //! minimal fork server (forked before anything else, from this program)
 //! that forks a child per request; the child computes the same function and
 //! writes 8 bytes into a pipe whose write end came with the request.
+//!
+//! Before and after the calls, the benchmark also measures for 2 s how often
+//! the machine stops a thread that never blocks (see `common`), and adds to
+//! the JSON object `"stalls_over_1ms_per_s":…,"stalled_pct":…` (the mean of
+//! both measurements): on a shared VM such stops, not the program, make
+//! most of the p99.
+
+mod common;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use procpool_worker::sys;
 
@@ -98,6 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         procpool::run_sp(add_one, i)?;
         bare.call(i)?;
     }
+    let before = common::machine_stalls(Duration::from_secs(2));
     let mut times = Vec::with_capacity(calls);
     let mut floor = Vec::with_capacity(calls);
     for i in 0..calls as u64 {
@@ -110,6 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         floor.push(start.elapsed().as_secs_f64() * 1e3);
         assert_eq!(r, i + 1);
     }
+    let after = common::machine_stalls(Duration::from_secs(2));
+    let stalls_per_s = (before.over_1ms_per_s + after.over_1ms_per_s) / 2.0;
+    let stalled_pct = (before.stalled_pct + after.stalled_pct) / 2.0;
     let (median, p99) = median_and_p99(times);
     let (floor_median, floor_p99) = median_and_p99(floor);
     println!(
@@ -120,8 +132,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "  bare fork server  median {floor_median:.3} ms, p99 {floor_p99:.3} ms (interleaved)"
     );
+    println!("  {}", common::Stalls::describe_pair(&before, &after));
     println!(
-        "{{\"bench\":\"run_sp\",\"median_ms\":{median:.3},\"p99_ms\":{p99:.3},\"floor_median_ms\":{floor_median:.3},\"floor_p99_ms\":{floor_p99:.3}}}"
+        "{{\"bench\":\"run_sp\",\"median_ms\":{median:.3},\"p99_ms\":{p99:.3},\"floor_median_ms\":{floor_median:.3},\"floor_p99_ms\":{floor_p99:.3},\"stalls_over_1ms_per_s\":{stalls_per_s:.2},\"stalled_pct\":{stalled_pct:.2}}}"
     );
     std::hint::black_box(&ballast);
     Ok(())

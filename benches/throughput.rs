@@ -9,6 +9,13 @@
 //! shared VM the wake-ups that dominate a lone round trip vary from minute
 //! to minute. Both are measured after 200 unmeasured lone trips each (see
 //! the warm-up in `main`).
+//!
+//! Before and after the lone trips, the benchmark also measures for 2 s how
+//! often the machine stops a thread that never blocks (see `common`), and
+//! adds to the JSON object `"stalls_over_100us_per_s":…,"stalled_pct":…`
+//! (the mean of both measurements).
+
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -139,6 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // and the bare mechanism's round trip, in alternating blocks: both see
     // the same minutes of the machine, and each trip follows the same 1 ms
     // of idleness (a longer idle makes the next wake-up slower on a VM).
+    let before = common::machine_stalls(Duration::from_secs(2));
     let echo = Echo::start()?;
     // Warm-up, unmeasured, for both: the throughput runs leave the worker
     // last run on either vCPU, and a woken process goes back to its last
@@ -168,6 +176,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(echo);
+    let after = common::machine_stalls(Duration::from_secs(2));
+    let stalls_per_s = (before.over_100us_per_s + after.over_100us_per_s) / 2.0;
+    let stalled_pct = (before.stalled_pct + after.stalled_pct) / 2.0;
     let round_trip_us = median(&mut trips);
     let round_trip_p99_us = percentile(&mut trips, 0.99);
     let floor_us = median(&mut floor);
@@ -182,14 +193,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "  bare pipe round trip µs {floor_us:>14.1} median, {floor_p99_us:.1} p99 ({lone}, alternating blocks)"
     );
+    println!("  {}", common::Stalls::describe_pair(&before, &after));
     println!(
-        "{{\"bench\":\"throughput\",\"tasks_per_s\":{:.0},\"us_per_task\":{:.5},\"round_trip_us\":{:.1},\"round_trip_p99_us\":{:.1},\"floor_us\":{:.1},\"floor_p99_us\":{:.1}}}",
+        "{{\"bench\":\"throughput\",\"tasks_per_s\":{:.0},\"us_per_task\":{:.5},\"round_trip_us\":{:.1},\"round_trip_p99_us\":{:.1},\"floor_us\":{:.1},\"floor_p99_us\":{:.1},\"stalls_over_100us_per_s\":{:.1},\"stalled_pct\":{:.2}}}",
         tasks_per_s,
         1e6 / tasks_per_s,
         round_trip_us,
         round_trip_p99_us,
         floor_us,
-        floor_p99_us
+        floor_p99_us,
+        stalls_per_s,
+        stalled_pct
     );
     Ok(())
 }
