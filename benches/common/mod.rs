@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 /// How often the machine stopped a thread that never blocks: on a shared
-/// VM, the host runs other work on our vCPUs, and for a few milliseconds
-/// now and then nothing of ours runs there, whatever the program does.
+/// VM, the host (or a kernel thread) now and then runs in its place for up
+/// to a few milliseconds, whatever the program does.
 pub struct Stalls {
     /// Stops of over 100 µs, per second, per CPU.
     pub over_100us_per_s: f64,
