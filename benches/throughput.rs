@@ -14,6 +14,9 @@
 //! often the machine stops a thread that never blocks (see `common`), and
 //! adds to the JSON object `"stalls_over_100us_per_s":…,"stalled_pct":…`
 //! (the mean of both measurements).
+//!
+//! Each lone trip follows 1 ms of idleness; `LONE_IDLE_US` sets another
+//! length (0: back to back, with every cache warm).
 
 mod common;
 
@@ -146,6 +149,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // and the bare mechanism's round trip, in alternating blocks: both see
     // the same minutes of the machine, and each trip follows the same 1 ms
     // of idleness (a longer idle makes the next wake-up slower on a VM).
+    let idle = std::env::var("LONE_IDLE_US")
+        .ok()
+        .map(|v| v.parse().map_err(|e| format!("LONE_IDLE_US={v}: {e}")))
+        .transpose()?
+        .map_or(Duration::from_millis(1), Duration::from_micros);
     let before = common::machine_stalls(Duration::from_secs(2));
     let echo = Echo::start()?;
     // Warm-up, unmeasured, for both: the throughput runs leave the worker
@@ -154,9 +162,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // this thread on one vCPU again (about 30 trips), every trip pays two
     // wake-ups of a halted vCPU (100-170 µs) instead of none.
     for i in 0..200 {
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(idle);
         inv.map(std::iter::once(i)).next().ok_or("no result")??;
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(idle);
         echo.trip();
     }
     let mut trips = Vec::new();
@@ -164,14 +172,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let block = 100;
     for first in (0..lone).step_by(block) {
         for i in first..(first + block as u64).min(lone) {
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(idle);
             let start = Instant::now();
             let r = inv.map(std::iter::once(i)).next().ok_or("no result")??;
             trips.push(start.elapsed().as_secs_f64() * 1e6);
             assert_eq!(r, i + 1);
         }
         for _ in first..(first + block as u64).min(lone) {
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(idle);
             floor.push(echo.trip());
         }
     }
@@ -188,7 +196,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  tasks/s (median)        {tasks_per_s:>14.0}");
     println!("  µs/task                 {:>14.4}", 1e6 / tasks_per_s);
     println!(
-        "  lone task round trip µs {round_trip_us:>14.1} median, {round_trip_p99_us:.1} p99 ({lone} tasks)"
+        "  lone task round trip µs {round_trip_us:>14.1} median, {round_trip_p99_us:.1} p99 ({lone} tasks, each after {idle:?} idle)"
     );
     println!(
         "  bare pipe round trip µs {floor_us:>14.1} median, {floor_p99_us:.1} p99 ({lone}, alternating blocks)"
