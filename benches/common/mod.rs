@@ -47,10 +47,16 @@ pub fn machine_stalls(duration: Duration) -> Stalls {
     let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the size passed is that of `allowed`.
     let got = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) };
-    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+    let mut cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE.
         .filter(|&cpu| got == 0 && unsafe { libc::CPU_ISSET(cpu, &allowed) })
         .collect();
+    if cpus.is_empty() {
+        // No affinity to read: spin on as many threads as there are CPUs,
+        // wherever they run.
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus = (0..n).collect();
+    }
     let per_cpu: Vec<Spun> = std::thread::scope(|s| {
         let threads: Vec<_> = cpus
             .iter()
@@ -84,10 +90,11 @@ struct Spun {
     longest: Duration,
 }
 
-/// Spins on `cpu` for `duration`, counting the gaps.
+/// Spins on `cpu` for `duration`, counting the gaps. If the thread cannot
+/// be held to `cpu`, it spins wherever the scheduler puts it.
 fn spin_on(cpu: usize, duration: Duration) -> Spun {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET adds a CPU
-    // this process may use to it.
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET adds to it a
+    // CPU below CPU_SETSIZE.
     unsafe {
         let mut only: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut only);
