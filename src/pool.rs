@@ -17,6 +17,7 @@ use procpool_worker::protocol::{
     BATCH_HEADER, BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup,
     TaskFailure, from_worker, to_worker,
 };
+use procpool_worker::stamps::{Step, stamp};
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
 use procpool_worker::task::BatchRunner;
@@ -751,6 +752,7 @@ where
         ordered: bool,
         fail_fast: bool,
     ) -> Self {
+        stamp(Step::MapStart);
         let collector = if ordered {
             Collector::Ordered {
                 base: first_index,
@@ -896,6 +898,7 @@ where
             }
             batch.offsets.push(mark as u32);
         }
+        stamp(Step::BatchBuilt);
         (!batch.offsets.is_empty()).then_some(batch)
     }
 
@@ -1230,6 +1233,7 @@ fn take_results<R: DeserializeOwned>(
     }
     sizer.observe(count, elapsed_ns);
     decode_results(collector, first_index, count, &body[RESULTS_HEADER..]);
+    stamp(Step::ResultsDecoded);
     Ok(())
 }
 

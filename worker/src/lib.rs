@@ -10,6 +10,8 @@
 //! - [`log_forward`]: forwarding `log` records to the parent.
 //! - [`protocol`], [`store_format`], [`fnref`], [`status`]: what both sides
 //!   must agree on.
+//! - [`stamps`]: timestamps of a trip's steps in both processes (the
+//!   `stamps` feature), for finding where its time goes.
 //!
 //! A process becomes a fork server or a worker before `main` runs: a
 //! constructor in this crate looks for the role the parent set in the
@@ -30,6 +32,7 @@ pub mod fnref;
 pub mod link;
 pub mod log_forward;
 pub mod protocol;
+pub mod stamps;
 pub mod status;
 pub mod store_format;
 pub mod sys;

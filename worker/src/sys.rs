@@ -5,6 +5,8 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::stamps::Step;
+
 /// Largest frame either side sends or accepts: a bigger length prefix
 /// means a corrupted stream. Arguments and results that would not fit are
 /// refused with a task error before they are sent.
@@ -179,8 +181,10 @@ pub fn grow_pipe(fd: RawFd) {
 /// `EPIPE`: procpool processes, like every Rust program, ignore SIGPIPE.
 pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
+        crate::stamps::stamp(Step::Write);
         // SAFETY: `buf` is a valid readable slice for its length.
         let ret = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        crate::stamps::stamp(Step::WriteDone);
         match cvt_size(ret) {
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -197,8 +201,10 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 /// when full.
 pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
+        crate::stamps::stamp(Step::Write);
         // SAFETY: `buf` is a valid readable slice for its length.
         let ret = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        crate::stamps::stamp(Step::WriteDone);
         match cvt_size(ret) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -266,10 +272,12 @@ impl FrameReader {
         self.buf.reserve(want);
         let spare = self.buf.capacity() - self.buf.len();
         loop {
+            crate::stamps::stamp(Step::Read);
             // SAFETY: we pass the spare capacity of `buf`, which is writable
             // for `spare` bytes; only the bytes the kernel reports are exposed.
             let ret =
                 unsafe { libc::read(fd, self.buf.as_mut_ptr().add(self.buf.len()).cast(), spare) };
+            crate::stamps::stamp(Step::ReadDone);
             match cvt_size(ret) {
                 Ok(0) => return Ok(ReadStatus::Closed),
                 Ok(n) => {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::{MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure};
+use crate::stamps::{Step, stamp};
 
 /// A batch as it arrives: where it starts, its seed root, and its arguments.
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +186,9 @@ fn call_one<A, R>(
         }))
     });
     CAPTURE.with(|c| c.set(true));
+    stamp(Step::CallStart);
     let result = panic::catch_unwind(AssertUnwindSafe(|| call(arg)));
+    stamp(Step::CallDone);
     if crate::link::is_fork_copy() {
         // A copy of the worker that the task forked, returning from the
         // task: the worker itself answers for it. The copy has no link and

@@ -30,6 +30,7 @@ fn fatal(message: String) -> ! {
 pub fn leave(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    crate::stamps::write_on_exit();
     // SAFETY: fflush(NULL) flushes every C stdio stream; _exit ends the
     // process without running any more code of ours.
     unsafe {
