@@ -5,8 +5,8 @@
 //!
 //! Each process keeps its last [`CAPACITY`] stamps in a ring in memory. A
 //! stamp is one read of the monotonic clock and of the current CPU (both
-//! served by the vDSO, no system call) and two stores, about 50 ns, so the
-//! stamps change little of what they measure. A worker writes its ring to
+//! served without a system call) and two stores: tens of nanoseconds, so
+//! the stamps change little of what they measure. A worker writes its ring to
 //! `$PROCPOOL_STAMPS_DIR/<pid>.stamps` when it leaves, if that variable is
 //! set; the parent takes its own with [`take`]. `benches/trip_stamps.rs`
 //! puts the two together into a lone task's round trip, step by step.
