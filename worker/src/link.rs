@@ -66,6 +66,7 @@ extern "C" fn drop_link_in_fork_copy() {
 
 /// Whether this process is a copy of a worker made by `fork` in user code
 /// (it has no link to the parent).
+#[inline]
 pub fn is_fork_copy() -> bool {
     FORK_COPY.load(Ordering::Relaxed)
 }

@@ -97,6 +97,7 @@ pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
 }
 
 /// The status words, if this worker has a status page.
+#[inline]
 pub fn words() -> Option<&'static StatusWords> {
     PAGE.get().copied()
 }
@@ -108,6 +109,7 @@ pub fn arena() -> Option<(*mut u8, usize)> {
 }
 
 /// Records that task `index` starts now.
+#[inline]
 pub fn task_started(index: u64) {
     if let Some(page) = PAGE.get() {
         if RECORD_TIMES.load(Ordering::Relaxed) {
@@ -118,6 +120,7 @@ pub fn task_started(index: u64) {
 }
 
 /// Records that no task runs (the batch is done).
+#[inline]
 pub fn idle() {
     if let Some(page) = PAGE.get() {
         page.current.store(0, Ordering::Release);

@@ -215,6 +215,7 @@ pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// Appends a frame (`u32` little-endian length, tag byte, body) to `out`.
+#[inline]
 pub fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
     out.push(tag);
@@ -225,6 +226,7 @@ pub fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
 pub const FRAME_HEADER: usize = 5;
 
 /// Starts a frame whose body the caller appends; finish it with [`end_frame`].
+#[inline]
 pub fn begin_frame(out: &mut Vec<u8>, tag: u8) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, tag]);
@@ -232,6 +234,7 @@ pub fn begin_frame(out: &mut Vec<u8>, tag: u8) -> usize {
 }
 
 /// Writes the length prefix of a frame begun at `start`.
+#[inline]
 pub fn end_frame(out: &mut [u8], start: usize) {
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -293,6 +296,7 @@ impl FrameReader {
     }
 
     /// Bytes still missing for the frame at the head of the buffer.
+    #[inline]
     fn needed(&self) -> usize {
         let avail = &self.buf[self.start..];
         if avail.len() < 4 {
@@ -307,12 +311,14 @@ impl FrameReader {
     }
 
     /// Whether the buffer already holds a complete frame.
+    #[inline]
     pub fn has_frame(&self) -> bool {
         let avail = self.buf.len() - self.start;
         avail >= 5 && self.needed() == 0
     }
 
     /// The next complete frame as `(tag, body)`, if the buffer holds one.
+    #[inline]
     pub fn next_frame(&mut self) -> io::Result<Option<(u8, &[u8])>> {
         let avail = &self.buf[self.start..];
         if avail.len() < 5 {

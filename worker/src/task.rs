@@ -242,6 +242,7 @@ pub fn current_task() -> Option<TaskContext> {
 /// Installs, once per process, a panic hook that records the message and
 /// location of panics inside tasks (they become task errors and are not
 /// printed) and defers to the previous hook for every other panic.
+#[inline]
 pub fn install_panic_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -273,10 +274,12 @@ pub fn install_panic_hook() {
 /// assert_ne!(a, procpool_worker::task::task_seed(42, 1));
 /// assert_ne!(a, procpool_worker::task::task_seed(43, 0));
 /// ```
+#[inline]
 pub fn task_seed(root_seed: u64, index: u64) -> u64 {
     splitmix64(root_seed ^ splitmix64(index.wrapping_add(0x9E37_79B9_7F4A_7C15)))
 }
 
+#[inline]
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
