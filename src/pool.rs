@@ -142,12 +142,14 @@ impl Batch {
     }
 
     /// The fixed part of this batch's BATCH body.
+    #[inline]
     fn header(&self, root_seed: u64) -> [u8; BATCH_HEADER] {
         batch_header(self.first_index, root_seed, self.count())
     }
 }
 
 /// The fixed part of a BATCH body.
+#[inline]
 fn batch_header(first_index: u64, root_seed: u64, count: u32) -> [u8; BATCH_HEADER] {
     let mut header = [0u8; BATCH_HEADER];
     header[..8].copy_from_slice(&first_index.to_le_bytes());
@@ -157,6 +159,7 @@ fn batch_header(first_index: u64, root_seed: u64, count: u32) -> [u8; BATCH_HEAD
 }
 
 /// Appends the tag and header of a BATCH frame; returns where it starts.
+#[inline]
 fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count: u32) -> usize {
     let start = sys::begin_frame(out, to_worker::BATCH);
     out.extend_from_slice(&batch_header(first_index, root_seed, count));
@@ -231,11 +234,13 @@ struct Outbox {
 }
 
 impl Outbox {
+    #[inline]
     fn has_output(&self) -> bool {
         self.sent < self.bytes.len()
     }
 
     /// Sends as much as the pipe `fd` takes without blocking.
+    #[inline]
     fn flush(&mut self, fd: RawFd) -> std::io::Result<()> {
         while self.has_output() {
             let n = sys::write_some(fd, &self.bytes[self.sent..])?;
@@ -254,17 +259,20 @@ impl Outbox {
 }
 
 impl Worker {
+    #[inline]
     fn has_output(&self) -> bool {
         self.out.has_output()
     }
 
     /// Sends as much pending output as the pipe takes without blocking.
+    #[inline]
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush(self.link.write.as_raw_fd())
     }
 
     /// Queues `batch` for the worker, through the arena if it is large and
     /// finds room there, else as a BATCH frame.
+    #[inline]
     fn send_batch(&mut self, batch: &mut Batch, root_seed: u64) {
         let len = BATCH_HEADER + batch.items.len();
         batch.in_arena = false;
@@ -339,6 +347,7 @@ fn emit_log(record: &LogRecord, worker_id: u32) {
     );
 }
 
+#[inline]
 fn le_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);

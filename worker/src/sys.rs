@@ -26,6 +26,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+#[inline]
 fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -199,6 +200,7 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 
 /// One write of as much of `buf` as `fd` (non-blocking) takes now; `Ok(0)`
 /// when full.
+#[inline]
 pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
         crate::stamps::stamp(Step::Write);
@@ -260,6 +262,7 @@ pub enum ReadStatus {
 
 impl FrameReader {
     /// Reads what `fd` has into the buffer; blocks only if `fd` does.
+    #[inline]
     pub fn fill(&mut self, fd: RawFd) -> io::Result<ReadStatus> {
         if self.start > 0 && self.start == self.buf.len() {
             if self.buf.capacity() > RETAINED_BUFFER_BYTES {
