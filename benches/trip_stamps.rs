@@ -45,7 +45,14 @@ const PATH: [(Step, bool); 11] = [
     (Step::CallerDone, false),
 ];
 
-/// What happens between each step of [`PATH`] and the next, with a JSON key.
+/// Where in [`PATH`] the parent writes the batch, the worker's read of it
+/// returns, and the parent's read of the results returns.
+const PARENT_WRITES: usize = 3;
+const WORKER_READ_DONE: usize = 4;
+const PARENT_READ_DONE: usize = 8;
+
+/// What happens between each step of [`PATH`] and the next, with a JSON key
+/// and whether the kernel does it.
 const SEGMENTS: [(&str, &str, bool); 10] = [
     ("caller: map starts", "map_start_us", false),
     ("parent: encodes the batch", "encode_us", false),
@@ -67,7 +74,7 @@ struct Trip {
     /// From the parent's write to its (blocking) read of the result: on
     /// one CPU the worker runs only after that.
     write_to_read: u64,
-    /// The parent's write itself.
+    /// The parent's `write` call, from entry to return.
     write: u64,
 }
 
@@ -91,7 +98,7 @@ fn trips(parent: &[Stamp], worker: &[Stamp]) -> (Vec<Trip>, usize) {
                     cpus[i] = s.cpu;
                     after = s.ns;
                 }
-                _ => {
+                None => {
                     complete = false;
                     break;
                 }
@@ -102,20 +109,19 @@ fn trips(parent: &[Stamp], worker: &[Stamp]) -> (Vec<Trip>, usize) {
             .iter()
             .find(|s| s.step == Step::CallerStart)
             .map_or(u64::MAX, |s| s.ns);
-        let read = parent[parent.partition_point(|s| s.ns <= ns[3])..]
+        let after_write = &parent[parent.partition_point(|s| s.ns <= ns[PARENT_WRITES])..];
+        let read = after_write
             .iter()
-            .find(|s| s.step == Step::Read && s.ns <= ns[8]);
-        let write_done = parent[parent.partition_point(|s| s.ns <= ns[3])..]
-            .iter()
-            .find(|s| s.step == Step::WriteDone);
+            .find(|s| s.step == Step::Read && s.ns <= ns[PARENT_READ_DONE]);
+        let write_done = after_write.iter().find(|s| s.step == Step::WriteDone);
         if let (true, true, Some(read), Some(write_done)) =
             (complete, ns[PATH.len() - 1] < next_start, read, write_done)
         {
             found.push(Trip {
                 ns,
-                same_cpu: cpus[3] == cpus[4],
-                write_to_read: read.ns - ns[3],
-                write: write_done.ns - ns[3],
+                same_cpu: cpus[PARENT_WRITES] == cpus[WORKER_READ_DONE],
+                write_to_read: read.ns - ns[PARENT_WRITES],
+                write: write_done.ns - ns[PARENT_WRITES],
             });
         } else {
             irregular += 1;
@@ -194,7 +200,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stamps::stamp(Step::CallerDone);
         assert_eq!(r, i + 1);
     }
-    let parent = stamps::take();
+    let mut parent = stamps::take();
+    // In the order of the clock, should another thread have stamped too.
+    parent.sort_by_key(|s| s.ns);
     // The workers write their stamps as they leave.
     inv.shutdown();
     let worker = read_worker_stamps(dir.path())?;
