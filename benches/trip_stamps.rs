@@ -57,13 +57,21 @@ const SEGMENTS: [(&str, &str, bool); 10] = [
     ("caller: map starts", "map_start_us", false),
     ("parent: encodes the batch", "encode_us", false),
     ("parent: frames it, calls write", "frame_us", false),
-    ("write, wake the worker (see below)", "wake_worker_us", true),
-    ("worker: decode, set the task up", "task_setup_us", false),
+    (
+        "kernel: write, wake the worker, switch to it",
+        "wake_worker_us",
+        true,
+    ),
+    ("worker: decodes, sets the task up", "task_setup_us", false),
     ("worker: the user's function", "call_us", false),
-    ("worker: encode, calls write", "task_end_us", false),
-    ("kernel: write, wake the parent", "wake_parent_us", true),
-    ("parent: decode the result", "decode_us", false),
-    ("parent: hand it to the caller", "return_us", false),
+    ("worker: encodes, calls write", "task_end_us", false),
+    (
+        "kernel: write, wake the parent, switch to it",
+        "wake_parent_us",
+        true,
+    ),
+    ("parent: decodes the result", "decode_us", false),
+    ("parent: hands it to the caller", "return_us", false),
 ];
 
 /// One trip: the time of each step of [`PATH`], and whether the worker ran
@@ -221,7 +229,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         other.len()
     );
     println!(
-        "{:34} {:>17} {:>17} {:>17}",
+        "{:48} {:>17} {:>17} {:>17}",
         "µs, median / p90", "all", "same CPU", "other CPU"
     );
     let row = |name: &str, f: &dyn Fn(&Trip) -> u64| {
@@ -230,7 +238,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!("{m:>8.2} / {p:>6.2}")
         };
         println!(
-            "{name:34} {:>17} {:>17} {:>17}",
+            "{name:48} {:>17} {:>17} {:>17}",
             cell(&all),
             cell(&same),
             cell(&other)
@@ -242,7 +250,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("below: not steps of the trip, but parts of or sums of them");
     row("parent: its write", &|t| t.write);
     row("parent: from its write to its read", &|t| t.write_to_read);
-    row("procpool's code (all but the kernel)", &ours);
+    row("procpool's code (all but the kernel's two steps)", &ours);
     row("whole trip", &total);
 
     let mut json = format!(
