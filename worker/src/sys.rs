@@ -182,17 +182,12 @@ pub fn grow_pipe(fd: RawFd) {
 /// `EPIPE`: procpool processes, like every Rust program, ignore SIGPIPE.
 pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        crate::stamps::stamp(Step::Write);
-        // SAFETY: `buf` is a valid readable slice for its length.
-        let ret = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        crate::stamps::stamp(Step::WriteDone);
-        match cvt_size(ret) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        match write_some(fd, buf)? {
+            // Full (a descriptor that is non-blocking after all): wait.
+            0 => {
                 wait_fd(fd, libc::POLLOUT, -1)?;
             }
-            Err(e) => return Err(e),
+            n => buf = &buf[n..],
         }
     }
     Ok(())
