@@ -172,17 +172,9 @@ mod ring {
 
     #[inline(always)]
     pub fn record(step: Step) {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec we own; sched_getcpu
-        // takes no arguments.
-        let cpu = unsafe {
-            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-            libc::sched_getcpu()
-        };
-        let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        let ns = crate::status::monotonic_ns();
+        // SAFETY: sched_getcpu takes no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
         let slot = &SLOTS[NEXT.fetch_add(1, Ordering::Relaxed) % CAPACITY];
         slot[0].store(ns, Ordering::Relaxed);
         slot[1].store(

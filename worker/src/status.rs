@@ -43,6 +43,7 @@ static ARENA: OnceLock<(usize, usize)> = OnceLock::new();
 static RECORD_TIMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Nanoseconds on the system-wide monotonic clock, comparable across processes.
+#[inline]
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
