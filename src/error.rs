@@ -35,6 +35,9 @@ pub(crate) enum Death {
     Timeout(std::time::Duration),
     /// An allocation failed under its memory limit.
     OutOfMemory,
+    /// This many workers died holding the task's batch as the next to run,
+    /// before any of its tasks started.
+    BeforeStart(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +156,7 @@ impl TaskError {
         matches!(
             *self.kind,
             TaskErrorKind::WorkerDied {
-                cause: Death::Crash | Death::OutOfMemory,
+                cause: Death::Crash | Death::OutOfMemory | Death::BeforeStart(_),
                 ..
             }
         )
@@ -314,6 +317,11 @@ impl fmt::Display for TaskError {
                 Death::OutOfMemory => write!(
                     f,
                     "task {i} ran out of memory: an allocation failed in worker {worker_id} (pid {pid}), which died with {}",
+                    describe_exit(*exit)
+                ),
+                Death::BeforeStart(deaths) => write!(
+                    f,
+                    "task {i}: {deaths} workers died holding its batch before it started, the last, worker {worker_id} (pid {pid}), with {}",
                     describe_exit(*exit)
                 ),
             },

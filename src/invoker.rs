@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::{MAX_BATCH_TASKS, TaskFailure};
+use procpool_worker::protocol::MAX_BATCH_TASKS;
 use procpool_worker::task::{self, BatchRunner, BatchView};
 
 use crate::batching::BatchSizer;
@@ -440,7 +440,7 @@ where
     // A pool could not send what this refuses either, so errors do not
     // depend on n_jobs.
     let mut items = Vec::new();
-    if let Err(failure) = crate::pool::encode_argument(&arg, &mut items) {
+    if let Err(failure) = crate::pool::encode_argument(arg, &mut items) {
         return Err(TaskError::from_failure(index, failure));
     }
     let mut out = Vec::new();
@@ -455,12 +455,10 @@ where
     unsafe {
         task::run_batch::<M::Archived, A, R>(func as usize, store.archive_bytes(), batch, &mut out)
     };
-    match postcard::from_bytes::<Result<R, TaskFailure>>(&out) {
-        Ok(outcome) => outcome.map_err(|f| TaskError::from_failure(index, f)),
-        Err(e) => Err(TaskError::bad_result(
-            index,
-            format!("cannot decode result: {e}"),
-        )),
+    let mut outcomes = &out[..];
+    match procpool_worker::protocol::split_item(&mut outcomes) {
+        Some(item) => task::capturing(|| crate::pool::decode_outcome(index, item)),
+        None => Err(TaskError::bad_result(index, "malformed results")),
     }
 }
 

@@ -150,7 +150,7 @@ where
             (runner, self.func as usize),
             policy,
         );
-        let mut pool = Pool::start_with_task(spec, index, root_seed, &arg)
+        let mut pool = Pool::start_with_task(spec, index, root_seed, arg)
             .map_err(|failure| TaskError::from_failure(index, failure))?
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use procpool_worker::arena::{self, ARENA_MIN_BYTES, Ring};
 use procpool_worker::protocol::{
     BATCH_HEADER, BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup,
-    TaskFailure, from_worker, to_worker,
+    TaskFailure, begin_item, end_item, from_worker, split_item, to_worker,
 };
 use procpool_worker::stamps::{Step, stamp};
 use procpool_worker::status::monotonic_ns;
 use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
-use procpool_worker::task::BatchRunner;
+use procpool_worker::task::{BatchRunner, capturing, catch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,6 +31,10 @@ use crate::launch::{self, Reaper, StartMethod, StatusPage};
 /// Batches each worker may hold at once: one running, one waiting, so a
 /// worker never idles between batches.
 const IN_FLIGHT_PER_WORKER: usize = 2;
+/// Workers that may die holding a batch as the next to run before any of
+/// its tasks starts (killed from outside, or unable to read it), before its
+/// tasks fail rather than run again.
+const DEATHS_BEFORE_START: u32 = 3;
 /// How long a new worker may take to start and report ready.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the exit status of a worker whose link closed.
@@ -166,16 +170,27 @@ fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count:
     start
 }
 
-/// Appends `arg`, encoded, to `out`; if it cannot be encoded or is larger
-/// than one message carries, `out` is left as it was and the task's failure
-/// is returned. The same check for every `n_jobs`, pool or isolated call.
-pub(crate) fn encode_argument<A: Serialize>(arg: &A, out: &mut Vec<u8>) -> Result<(), TaskFailure> {
+/// Appends `arg` to `out`, encoded as one item of a BATCH body, and drops
+/// it; if it cannot be encoded, is larger than one message carries, or its
+/// `Serialize` or `Drop` panics, `out` is left as it was and the task's
+/// failure is returned. The same check for every `n_jobs`, pool or isolated
+/// call.
+pub(crate) fn encode_argument<A: Serialize>(arg: A, out: &mut Vec<u8>) -> Result<(), TaskFailure> {
     let mark = out.len();
-    let encoded = postcard::to_io(arg, &mut *out).map(drop);
-    let failure = match encoded {
-        Ok(()) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
-        Ok(()) => TaskFailure::argument_too_large(out.len() - mark),
-        Err(e) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+    let (encoded, dropped) = capturing(|| {
+        let encoded = catch(|| {
+            let content = begin_item(out);
+            let encoded = postcard::to_io(&arg, &mut *out).map(drop);
+            end_item(out, content);
+            encoded
+        });
+        (encoded, catch(move || drop(arg)))
+    });
+    let failure = match (encoded, dropped) {
+        (Ok(Ok(())), Ok(())) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
+        (Ok(Ok(())), Ok(())) => TaskFailure::argument_too_large(out.len() - mark),
+        (Err(panic), _) | (_, Err(panic)) => panic,
+        (Ok(Err(e)), Ok(())) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
     };
     out.truncate(mark);
     Err(failure)
@@ -188,7 +203,7 @@ fn task_frame<A: Serialize>(
     out: &mut Vec<u8>,
     index: u64,
     root_seed: u64,
-    arg: &A,
+    arg: A,
 ) -> Result<(), TaskFailure> {
     let start = begin_batch_frame(out, index, root_seed, 1);
     if let Err(failure) = encode_argument(arg, out) {
@@ -364,7 +379,7 @@ impl Pool {
         spec: PoolSpec,
         index: u64,
         root_seed: u64,
-        arg: &A,
+        arg: A,
     ) -> Result<Result<Pool, PoolError>, TaskFailure> {
         debug_assert_eq!(spec.n_jobs, 1);
         let mut spec = spec;
@@ -740,6 +755,9 @@ where
     queued: VecDeque<Batch>,
     /// Deaths each task has caused (only tasks that caused one).
     deaths: HashMap<u64, u32>,
+    /// Workers that died holding the batch that starts at this index as the
+    /// next to run, before any of its tasks started.
+    deaths_before_start: HashMap<u64, u32>,
     fail_fast: bool,
     /// Set once fail-fast has stopped the run.
     stopped: bool,
@@ -782,6 +800,7 @@ where
             collector,
             queued: VecDeque::new(),
             deaths: HashMap::new(),
+            deaths_before_start: HashMap::new(),
             fail_fast,
             stopped: false,
             _types: PhantomData,
@@ -887,7 +906,7 @@ where
             let mark = batch.items.len();
             let index = self.next_index;
             self.next_index += 1;
-            if let Err(failure) = encode_argument(&item, &mut batch.items) {
+            if let Err(failure) = encode_argument(item, &mut batch.items) {
                 // This argument cannot be sent: it fails alone, and the batch
                 // so far goes out without it.
                 self.collector
@@ -1123,15 +1142,18 @@ where
             held.iter()
                 .any(|b| (b.first_index..b.first_index + u64::from(b.count())).contains(&c))
         });
-        for batch in held {
+        for (position, batch) in held.into_iter().enumerate() {
             let n = batch.count() as usize;
             let Some(c) = held_culprit
                 .filter(|&c| c >= batch.first_index && c < batch.first_index + n as u64)
             else {
-                if held_culprit.is_none() {
-                    // Nobody to blame (it died between tasks): every task it
-                    // held counts a death, so a pool cannot loop forever.
-                    self.blame_all(batch, id, pid, &ended);
+                if held_culprit.is_none() && position == 0 {
+                    // It died with no task running: killed from outside, or
+                    // while it read this batch, the only one it could have
+                    // been reading. No task started, so none is blamed, but
+                    // a batch that keeps killing workers before any task
+                    // starts must not loop forever.
+                    self.died_before_start(batch, id, pid, &ended);
                 } else {
                     self.queued.push_back(batch);
                 }
@@ -1160,29 +1182,33 @@ where
         self.pool.replace(slot);
     }
 
-    fn blame_all(&mut self, batch: Batch, id: u32, pid: u32, ended: &Option<launch::Ended>) {
-        let mut again = Vec::new();
-        for i in 0..batch.count() as usize {
-            let index = batch.first_index + i as u64;
-            let deaths = self.deaths.entry(index).or_insert(0);
-            *deaths += 1;
-            if *deaths >= self.pool.spec.max_tries {
-                self.collector.put(
-                    index,
-                    Err(TaskError::worker_died(
-                        index,
-                        id,
-                        pid,
-                        ended.clone(),
-                        Death::Crash,
-                    )),
-                );
-            } else {
-                again.push(i);
-            }
+    /// Runs `batch` again after its worker died before starting any of its
+    /// tasks. After [`DEATHS_BEFORE_START`] such deaths, its tasks fail with
+    /// the last one's exit status.
+    fn died_before_start(
+        &mut self,
+        batch: Batch,
+        id: u32,
+        pid: u32,
+        ended: &Option<launch::Ended>,
+    ) {
+        let first = batch.first_index;
+        let deaths = self.deaths_before_start.entry(first).or_insert(0);
+        *deaths += 1;
+        if *deaths < DEATHS_BEFORE_START {
+            self.queued.push_front(batch);
+            return;
         }
-        for i in again {
-            self.queued.push_back(batch.slice(i..i + 1));
+        self.deaths_before_start.remove(&first);
+        for index in first..first + u64::from(batch.count()) {
+            let err = TaskError::worker_died(
+                index,
+                id,
+                pid,
+                ended.clone(),
+                Death::BeforeStart(DEATHS_BEFORE_START),
+            );
+            self.collector.put(index, Err(err));
         }
     }
 
@@ -1246,30 +1272,42 @@ fn take_results<R: DeserializeOwned>(
     Ok(())
 }
 
-/// Decodes `count` outcomes into the collector.
+/// Decodes `count` outcomes, each a framed item, into the collector. The
+/// result type's `Deserialize` runs under `catch_unwind`: its panic, like a
+/// decoding error, fails that task alone.
 fn decode_results<R: DeserializeOwned>(
     collector: &mut Collector<R>,
     first_index: u64,
     count: u32,
     mut bytes: &[u8],
 ) {
-    let mut broken: Option<String> = None;
-    for i in 0..u64::from(count) {
-        let index = first_index + i;
-        let result = match &broken {
-            Some(msg) => Err(TaskError::bad_result(index, msg.clone())),
-            None => match postcard::take_from_bytes::<Result<R, TaskFailure>>(bytes) {
-                Ok((outcome, rest)) => {
-                    bytes = rest;
-                    outcome.map_err(|f| TaskError::from_failure(index, f))
-                }
-                Err(e) => {
-                    let msg = format!("cannot decode result: {e}");
-                    broken = Some(msg.clone());
-                    Err(TaskError::bad_result(index, msg))
-                }
-            },
-        };
-        collector.put(index, result);
+    capturing(|| {
+        for i in 0..u64::from(count) {
+            let index = first_index + i;
+            let result = match split_item(&mut bytes) {
+                Some(item) => decode_outcome(index, item),
+                None => Err(TaskError::bad_result(
+                    index,
+                    format!(
+                        "malformed results: task {index} (item {i} of {count}) is not a whole item"
+                    ),
+                )),
+            };
+            collector.put(index, result);
+        }
+    });
+}
+
+/// Decodes the outcome of task `index` from its item. Call it while
+/// [`capturing`] panics.
+#[inline]
+pub(crate) fn decode_outcome<R: DeserializeOwned>(index: u64, item: &[u8]) -> Result<R, TaskError> {
+    match catch(|| postcard::from_bytes::<Result<R, TaskFailure>>(item)) {
+        Ok(Ok(outcome)) => outcome.map_err(|f| TaskError::from_failure(index, f)),
+        Ok(Err(e)) => Err(TaskError::bad_result(
+            index,
+            format!("cannot decode result: {e}"),
+        )),
+        Err(panic) => Err(TaskError::from_failure(index, panic)),
     }
 }

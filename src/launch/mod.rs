@@ -371,6 +371,16 @@ pub(crate) fn launch(
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
+    if !matches!(method, StartMethod::ForkServer) && sys::child_exits_discarded() {
+        // The kernel would reap our worker the moment it dies, and with it
+        // the signal or code that says why: every crash would read as an
+        // unknown death. The fork server resets the disposition for itself.
+        return Err(PoolError::refused(
+            "SIGCHLD is ignored in this process (SIG_IGN or SA_NOCLDWAIT), so the exit status \
+             of a worker started by StartMethod::Spawn or StartMethod::Fork would be lost; \
+             restore SIGCHLD's default disposition or use the fork server (the default)",
+        ));
+    }
     let large =
         matches!(purpose, Purpose::Pool { .. }) || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
     let (ours, theirs) =

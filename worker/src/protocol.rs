@@ -8,7 +8,8 @@ pub mod to_worker {
     /// Body: postcard [`Setup`](super::Setup).
     pub const SETUP: u8 = 1;
     /// Body: `u64` first task index, `u64` root seed, `u32` count, then
-    /// `count` postcard-encoded arguments back to back.
+    /// `count` postcard-encoded arguments, each framed as an item (see
+    /// [`push_item`](super::push_item)).
     pub const BATCH: u8 = 2;
     /// No body: finish and exit.
     pub const SHUTDOWN: u8 = 3;
@@ -22,8 +23,8 @@ pub mod from_worker {
     /// Body: postcard [`LogRecord`](super::LogRecord).
     pub const LOG: u8 = 11;
     /// Body: `u64` first task index, `u32` count, `u64` nanoseconds the
-    /// batch took, then `count` postcard-encoded `Result<R, TaskFailure>`
-    /// back to back.
+    /// batch took, then `count` postcard-encoded `Result<R, TaskFailure>`,
+    /// each framed as an item (see [`push_item`](super::push_item)).
     pub const RESULTS: u8 = 12;
     /// Body: postcard `String`; the worker could not start and exits.
     pub const FATAL: u8 = 13;
@@ -40,8 +41,8 @@ pub const BATCH_HEADER: usize = 8 + 8 + 4;
 /// Byte length of the fixed part of a results body.
 pub const RESULTS_HEADER: usize = 8 + 4 + 8;
 
-/// Most bytes one encoded argument may take: a batch of that task alone
-/// must fit in a frame.
+/// Most bytes one framed argument (its length prefix included) may take: a
+/// batch of that task alone must fit in a frame.
 pub const MAX_ARGUMENT_BYTES: usize = crate::sys::MAX_FRAME - 1 - BATCH_HEADER;
 /// Most bytes the encoded outcomes of one batch may take together.
 pub const MAX_RESULTS_BYTES: usize = crate::sys::MAX_FRAME - 1 - RESULTS_HEADER;
@@ -53,13 +54,91 @@ pub const MAX_RESULTS_BYTES: usize = crate::sys::MAX_FRAME - 1 - RESULTS_HEADER;
 pub const MAX_BATCH_TASKS: usize = 1 << 24;
 const _: () = assert!(MAX_BATCH_TASKS * RESULT_FAILURE_RESERVE < MAX_RESULTS_BYTES / 4);
 
-/// Bytes kept per task for a result that does not fit: the encoded
-/// `Err(TaskFailure::BadResult(RESULT_TOO_LARGE))`.
-pub const RESULT_FAILURE_RESERVE: usize = 3 + RESULT_TOO_LARGE.len();
+/// Bytes kept per task for a result that does not fit: the framed item of
+/// `Err(TaskFailure::BadResult(RESULT_TOO_LARGE))` (a length byte, two
+/// variant bytes, the string's length byte and the string).
+pub const RESULT_FAILURE_RESERVE: usize = 4 + RESULT_TOO_LARGE.len();
 
 /// The failure message of a result that does not fit, when there is no
 /// room for a longer one.
 pub const RESULT_TOO_LARGE: &str = "result too large to send";
+
+/// Most bytes an item's length prefix takes (a LEB128 `u32`).
+pub const MAX_ITEM_PREFIX: usize = 5;
+
+/// Starts an item of a BATCH or RESULTS body at the end of `out` and returns
+/// where its content starts; [`end_item`] finishes it.
+///
+/// Each argument and each outcome is framed on its own, its length first
+/// (LEB128), so that a reader who cannot decode one item, or whose decoder
+/// panics, still finds the next: a bad item never costs its neighbours in
+/// the batch. One byte is reserved for the length; a content of 128 bytes or
+/// more moves right to make room for the longer prefix.
+#[inline]
+pub fn begin_item(out: &mut Vec<u8>) -> usize {
+    out.push(0);
+    out.len()
+}
+
+/// Finishes the item whose content starts at `content` (from
+/// [`begin_item`]) and runs to the end of `out`.
+///
+/// The content must be shorter than 4 GiB (frames are at most 2 GiB).
+#[inline]
+pub fn end_item(out: &mut Vec<u8>, content: usize) {
+    let len = out.len() - content;
+    if len < 0x80 {
+        out[content - 1] = len as u8;
+        return;
+    }
+    let mut prefix = [0u8; MAX_ITEM_PREFIX];
+    let mut n = 0;
+    let mut rest = len as u64;
+    while rest >= 0x80 {
+        prefix[n] = (rest as u8 & 0x7f) | 0x80;
+        rest >>= 7;
+        n += 1;
+    }
+    prefix[n] = rest as u8;
+    out.splice(content - 1..content, prefix[..=n].iter().copied());
+}
+
+/// Appends `bytes` to `out` as one item.
+///
+/// ```
+/// use procpool_worker::protocol::{push_item, split_item};
+/// let mut body = Vec::new();
+/// push_item(&mut body, b"short");
+/// push_item(&mut body, &[7u8; 300]);
+/// let mut rest = &body[..];
+/// assert_eq!(split_item(&mut rest), Some(&b"short"[..]));
+/// assert_eq!(split_item(&mut rest).map(<[u8]>::len), Some(300));
+/// assert!(rest.is_empty());
+/// ```
+pub fn push_item(out: &mut Vec<u8>, bytes: &[u8]) {
+    let content = begin_item(out);
+    out.extend_from_slice(bytes);
+    end_item(out, content);
+}
+
+/// Takes the next item off the front of `rest`; `None` if `rest` does not
+/// start with a whole item (the body is malformed: nothing after it can be
+/// found).
+#[inline]
+pub fn split_item<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let mut len: u64 = 0;
+    for (i, &byte) in rest.iter().take(MAX_ITEM_PREFIX).enumerate() {
+        len |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let start = i + 1;
+            let end = start.checked_add(usize::try_from(len).ok()?)?;
+            let item = rest.get(start..end)?;
+            *rest = &rest[end..];
+            return Some(item);
+        }
+    }
+    None
+}
 
 impl TaskFailure {
     /// The failure of a task whose argument encodes to `size` bytes, more

@@ -488,6 +488,26 @@ pub fn kill_with_creator_thread() -> io::Result<()> {
     .map(drop)
 }
 
+/// Whether the kernel reaps this process's children as they die, discarding
+/// their exit status: SIGCHLD is ignored (`SIG_IGN`) or has `SA_NOCLDWAIT`.
+pub fn child_exits_discarded() -> bool {
+    // SAFETY: a zeroed sigaction is a valid value to write into; with a
+    // null new action, sigaction only reads the current one into it.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `current` is ours.
+    let ret = unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut current) };
+    ret == 0
+        && (current.sa_sigaction == libc::SIG_IGN || current.sa_flags & libc::SA_NOCLDWAIT != 0)
+}
+
+/// Gives SIGCHLD its default disposition, so that this process's children
+/// stay until reaped and their exit status can be read, whatever the parent
+/// had set (`SIG_IGN` and `SA_NOCLDWAIT` are inherited across `exec`).
+pub fn keep_child_exits() {
+    // SAFETY: signal with a constant disposition; no handler runs our code.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+}
+
 /// Whether this process has asked for a signal when its parent thread ends.
 pub fn has_parent_death_signal() -> bool {
     let mut signal: libc::c_int = 0;
@@ -524,6 +544,8 @@ pub fn reset_signals_for_child() {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // A task's own children must report how they ended, as in any
+        // program, whatever the pool's parent set for itself.
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         // Rust programs run with SIGPIPE ignored; keep it that way.
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);

@@ -13,7 +13,10 @@ use rkyv::rancor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure};
+use crate::protocol::{
+    MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure, begin_item, end_item,
+    split_item,
+};
 use crate::stamps::{Step, stamp};
 
 /// A batch as it arrives: where it starts, its seed root, and its arguments.
@@ -25,7 +28,8 @@ pub struct BatchView<'a> {
     pub root_seed: u64,
     /// Number of arguments.
     pub count: u32,
-    /// The postcard-encoded arguments, back to back.
+    /// The postcard-encoded arguments, each framed as an item (see
+    /// [`crate::protocol::begin_item`]).
     pub items: &'a [u8],
 }
 
@@ -89,38 +93,166 @@ pub unsafe fn run_isolated<A, R>(
     run_items(batch, out, func);
 }
 
-/// Decodes each argument, calls `call` on it under `catch_unwind`, and
-/// appends each outcome to `out`.
+/// Runs each task of `batch` through `call` and appends each outcome to
+/// `out`, as a framed item.
+///
+/// Every piece of user code a task runs here (the argument's `Deserialize`,
+/// the function, the result's `Serialize` and `Drop`) runs under
+/// `catch_unwind`: its panic or error is that task's failure, and the other
+/// tasks of the batch are untouched. The task counts as started (in the
+/// status page) before its argument is decoded, so a worker that dies while
+/// decoding names that task, not another.
 fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, call: impl Fn(A) -> R)
 where
     A: DeserializeOwned,
     R: Serialize,
 {
     install_panic_hook();
+    let was_capturing = CAPTURE.with(|c| c.replace(true));
     let base = out.len();
     let mut rest = batch.items;
-    let mut decode_error: Option<String> = None;
-    for i in 0..batch.count as u64 {
+    let count = u64::from(batch.count);
+    for i in 0..count {
         let index = batch.first_index + i;
-        let outcome: Result<R, TaskFailure> = match &decode_error {
-            Some(e) => Err(TaskFailure::BadArgument(e.clone())),
-            None => match postcard::take_from_bytes::<A>(rest) {
-                Ok((arg, tail)) => {
-                    rest = tail;
-                    call_one(&call, arg, index, batch.root_seed)
-                }
-                Err(e) => {
-                    // The stream cannot be re-synchronised after a bad item.
-                    let msg = format!("cannot decode argument: {e}");
-                    decode_error = Some(msg.clone());
-                    Err(TaskFailure::BadArgument(msg))
-                }
-            },
+        let later = (count - i - 1) as usize;
+        let Some(item) = split_item(&mut rest) else {
+            // Only a bug or a corrupted message leaves a body without its
+            // items; nothing after this point can be found.
+            let failure =
+                format!("malformed batch: task {index} (item {i} of {count}) is not a whole item");
+            for j in i..count {
+                let outcome: Result<(), TaskFailure> =
+                    Err(TaskFailure::BadArgument(failure.clone()));
+                encode_outcome(&outcome, out, base, (count - j - 1) as usize);
+            }
+            break;
         };
-        let later = batch.count as u64 - i - 1;
-        encode_outcome(&outcome, out, base, later as usize);
+        run_one(&call, item, index, batch.root_seed, out, base, later);
     }
     CURRENT.with(|c| c.set(None));
+    CAPTURE.with(|c| c.set(was_capturing));
+}
+
+/// Runs one task whose encoded argument is `item` and appends its outcome.
+fn run_one<A, R>(
+    call: &impl Fn(A) -> R,
+    item: &[u8],
+    index: u64,
+    root_seed: u64,
+    out: &mut Vec<u8>,
+    base: usize,
+    later: usize,
+) where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    crate::status::task_started(index);
+    CURRENT.with(|c| {
+        c.set(Some(TaskContext {
+            index,
+            seed: task_seed(root_seed, index),
+        }))
+    });
+    forget_last_panic();
+    stamp(Step::CallStart);
+    let outcome: Result<R, TaskFailure> =
+        match catch(|| postcard::from_bytes::<A>(item).map(|arg| catch(|| call(arg)))) {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(TaskFailure::BadArgument(format!(
+                "cannot decode argument: {e}"
+            ))),
+            Err(panic) => Err(panic),
+        };
+    stamp(Step::CallDone);
+    if crate::link::is_fork_copy() {
+        // A copy of the worker that the task forked, returning from the
+        // task: the worker itself answers for it. The copy has no link and
+        // must not run the rest of the batch a second time. Stdout is not
+        // flushed: another thread may have held its lock at the fork, and
+        // what its buffer held then is the worker's to write.
+        // SAFETY: _exit ends the process without running any more code.
+        unsafe { libc::_exit(0) };
+    }
+    let mark = out.len();
+    let failed = match catch(|| encode_outcome(&outcome, out, base, later)) {
+        Ok(()) => catch(move || drop(outcome)).err(),
+        // The value is dropped all the same; a second panic there changes
+        // nothing more.
+        Err(panic) => {
+            let _ = catch(move || drop(outcome));
+            Some(panic)
+        }
+    };
+    if let Some(failure) = failed {
+        // The result's `Serialize` or `Drop` panicked: what it encoded
+        // gives way to the panic.
+        out.truncate(mark);
+        encode_outcome(&Err::<(), _>(failure), out, base, later);
+    }
+}
+
+/// Runs `f`, turning a panic into a [`TaskFailure::Panicked`] with the
+/// panic's own message and, when [`capturing`] panics, its location.
+///
+/// ```
+/// use procpool_worker::task::{capturing, catch};
+/// let failure = capturing(|| catch(|| panic!("no {}", 7))).unwrap_err();
+/// assert!(format!("{failure:?}").contains("no 7"));
+/// assert_eq!(capturing(|| catch(|| 7)), Ok(7));
+/// ```
+#[inline]
+pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, TaskFailure> {
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(panic_failure)
+}
+
+/// Runs `f` with the panics of this thread recorded for [`catch`] rather
+/// than printed: a panic caught there becomes a task's error, and printing
+/// it too would report it twice. A panic that escapes `f` is printed by the
+/// hook that was there before.
+///
+/// ```
+/// use procpool_worker::task::{capturing, catch};
+/// let failure = capturing(|| catch(|| panic!("quiet"))).unwrap_err();
+/// assert!(format!("{failure:?}").contains("quiet"));
+/// ```
+pub fn capturing<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CAPTURE.with(|c| c.set(self.0));
+        }
+    }
+    install_panic_hook();
+    let _restore = Restore(CAPTURE.with(|c| c.replace(true)));
+    forget_last_panic();
+    f()
+}
+
+/// Forgets the panic the hook recorded last, if any: one a task caught
+/// itself must not lend its message to a later failure.
+#[inline]
+fn forget_last_panic() {
+    LAST_PANIC.with(|p| {
+        if p.borrow().is_some() {
+            p.borrow_mut().take();
+        }
+    });
+}
+
+/// The failure of a panic whose payload is `payload`.
+fn panic_failure(payload: Box<dyn std::any::Any + Send>) -> TaskFailure {
+    let message = payload_message(&*payload);
+    // The hook saw this panic if it saw one with the same message since the
+    // task started; `resume_unwind` does not call the hook at all.
+    let location = LAST_PANIC
+        .with(|p| p.borrow_mut().take())
+        .filter(|(m, _)| *m == message)
+        .and_then(|(_, l)| l);
+    // A payload whose own `Drop` panics must not unwind out of here.
+    if let Err(second) = panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(second);
+    }
+    TaskFailure::Panicked { message, location }
 }
 
 /// Appends one encoded outcome to the outcomes that start at `base` in
@@ -148,65 +280,38 @@ fn encode_outcome_within<R: Serialize>(
 ) {
     let limit = max.saturating_sub(later.saturating_mul(RESULT_FAILURE_RESERVE));
     let mark = out.len();
+    let content = begin_item(out);
     let encoded = postcard::to_io(outcome, &mut *out).map(drop);
     let failure = match encoded {
-        Ok(()) if out.len() - base <= limit => return,
-        Ok(()) => format!(
-            "result too large to send: {} bytes encoded, at most {} for a batch's results",
-            out.len() - mark,
-            limit.saturating_sub(mark - base)
-        ),
+        Ok(()) => {
+            end_item(out, content);
+            if out.len() - base <= limit {
+                return;
+            }
+            format!(
+                "result too large to send: {} bytes encoded, at most {} for a batch's results",
+                out.len() - mark,
+                limit.saturating_sub(mark - base)
+            )
+        }
         Err(e) => format!("cannot encode result: {e}"),
     };
     out.truncate(mark);
-    let failure: Result<(), TaskFailure> = Err(TaskFailure::BadResult(failure));
-    // Encoding a plain enum of strings into a Vec cannot fail.
-    let _ = postcard::to_io(&failure, &mut *out);
+    push_failure(out, TaskFailure::BadResult(failure));
     if out.len() - base > limit {
         // No room for the long message: the short one fits in the room
         // kept for this task.
         out.truncate(mark);
-        let failure: Result<(), TaskFailure> =
-            Err(TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()));
-        let _ = postcard::to_io(&failure, &mut *out);
+        push_failure(out, TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()));
     }
 }
 
-fn call_one<A, R>(
-    call: &impl Fn(A) -> R,
-    arg: A,
-    index: u64,
-    root_seed: u64,
-) -> Result<R, TaskFailure> {
-    crate::status::task_started(index);
-    CURRENT.with(|c| {
-        c.set(Some(TaskContext {
-            index,
-            seed: task_seed(root_seed, index),
-        }))
-    });
-    CAPTURE.with(|c| c.set(true));
-    stamp(Step::CallStart);
-    let result = panic::catch_unwind(AssertUnwindSafe(|| call(arg)));
-    stamp(Step::CallDone);
-    if crate::link::is_fork_copy() {
-        // A copy of the worker that the task forked, returning from the
-        // task: the worker itself answers for it. The copy has no link and
-        // must not run the rest of the batch a second time. Stdout is not
-        // flushed: another thread may have held its lock at the fork, and
-        // what its buffer held then is the worker's to write.
-        // SAFETY: _exit ends the process without running any more code.
-        unsafe { libc::_exit(0) };
-    }
-    CAPTURE.with(|c| c.set(false));
-    result.map_err(|payload| {
-        let captured = LAST_PANIC.with(|p| p.borrow_mut().take());
-        let (message, location) = match captured {
-            Some((m, l)) => (m, l),
-            None => (payload_message(&*payload), None),
-        };
-        TaskFailure::Panicked { message, location }
-    })
+/// Appends the framed outcome `Err(failure)` to `out`.
+fn push_failure(out: &mut Vec<u8>, failure: TaskFailure) {
+    let content = begin_item(out);
+    // Encoding a plain enum of strings into a Vec cannot fail.
+    let _ = postcard::to_io(&Err::<(), _>(failure), &mut *out);
+    end_item(out, content);
 }
 
 fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -293,9 +398,11 @@ mod tests {
 
     #[test]
     fn the_short_failure_fits_in_the_room_kept_for_it() {
-        let failure: Result<(), TaskFailure> =
-            Err(TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()));
-        let bytes = postcard::to_allocvec(&failure).unwrap();
+        let mut bytes = Vec::new();
+        push_failure(
+            &mut bytes,
+            TaskFailure::BadResult(RESULT_TOO_LARGE.to_string()),
+        );
         assert!(
             bytes.len() <= RESULT_FAILURE_RESERVE,
             "{} bytes",
@@ -305,15 +412,15 @@ mod tests {
 
     #[test]
     fn every_task_gets_an_outcome_and_the_batch_stays_in_its_limit() {
-        // The room kept is 50 short failures (1,350 bytes): every `max` here
+        // The room kept is 50 short failures (1,400 bytes): every `max` here
         // holds it, as a message holds it for the most tasks a batch has.
         let count = 50;
         for (max, size) in [
             (2000, 100),
             (2000, 10),
-            (1400, 1),
+            (1450, 1),
             (20_000, 4000),
-            (1350, 3000),
+            (1400, 3000),
         ] {
             let mut out = vec![9u8; 7];
             let base = out.len();
@@ -329,9 +436,8 @@ mod tests {
             let mut rest = &out[base..];
             let mut fitted = 0;
             for _ in 0..count {
-                let (outcome, tail) =
-                    postcard::take_from_bytes::<Result<Vec<u8>, TaskFailure>>(rest).unwrap();
-                rest = tail;
+                let item = split_item(&mut rest).unwrap();
+                let outcome = postcard::from_bytes::<Result<Vec<u8>, TaskFailure>>(item).unwrap();
                 match outcome {
                     Ok(v) => {
                         assert_eq!(v.len(), size);
@@ -343,7 +449,10 @@ mod tests {
             }
             assert!(rest.is_empty());
             // A result that fits beside the room kept for the others is kept.
-            let first_fits = size + 2 <= max - (count - 1) * RESULT_FAILURE_RESERVE;
+            let mut alone = Vec::new();
+            let value: Result<Vec<u8>, TaskFailure> = Ok(vec![1; size]);
+            encode_outcome_within(&value, &mut alone, 0, 0, usize::MAX);
+            let first_fits = alone.len() <= max - (count - 1) * RESULT_FAILURE_RESERVE;
             assert_eq!(fitted > 0, first_fits, "max {max}, size {size}");
         }
     }
