@@ -35,8 +35,8 @@ pub(crate) enum Death {
     Timeout(std::time::Duration),
     /// An allocation failed under its memory limit.
     OutOfMemory,
-    /// This many workers died holding the task's batch as the next to run,
-    /// before any of its tasks started.
+    /// This many workers died holding the task alone in the batch they were
+    /// to run next, before it started.
     BeforeStart(u32),
 }
 
@@ -321,7 +321,7 @@ impl fmt::Display for TaskError {
                 ),
                 Death::BeforeStart(deaths) => write!(
                     f,
-                    "task {i}: {deaths} workers died holding its batch before it started, the last, worker {worker_id} (pid {pid}), with {}",
+                    "task {i}: {deaths} workers died holding it before it started, the last, worker {worker_id} (pid {pid}), with {}",
                     describe_exit(*exit)
                 ),
             },

@@ -31,9 +31,9 @@ use crate::launch::{self, Reaper, StartMethod, StatusPage};
 /// Batches each worker may hold at once: one running, one waiting, so a
 /// worker never idles between batches.
 const IN_FLIGHT_PER_WORKER: usize = 2;
-/// Workers that may die holding a batch as the next to run before any of
-/// its tasks starts (killed from outside, or unable to read it), before its
-/// tasks fail rather than run again.
+/// Workers that may die holding a task alone in the batch they were to run
+/// next, before it started (killed from outside, or unable to read it),
+/// before the task fails rather than runs again.
 const DEATHS_BEFORE_START: u32 = 3;
 /// How long a new worker may take to start and report ready.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -755,8 +755,8 @@ where
     queued: VecDeque<Batch>,
     /// Deaths each task has caused (only tasks that caused one).
     deaths: HashMap<u64, u32>,
-    /// Workers that died holding the batch that starts at this index as the
-    /// next to run, before any of its tasks started.
+    /// Workers that died holding this task alone in the batch they were to
+    /// run next, before it started.
     deaths_before_start: HashMap<u64, u32>,
     fail_fast: bool,
     /// Set once fail-fast has stopped the run.
@@ -1183,8 +1183,10 @@ where
     }
 
     /// Runs `batch` again after its worker died before starting any of its
-    /// tasks. After [`DEATHS_BEFORE_START`] such deaths, its tasks fail with
-    /// the last one's exit status.
+    /// tasks: no task is blamed. If the batch itself kills workers (they die
+    /// reading it, or a task hides its start), running it in halves finds
+    /// the one task that does; after [`DEATHS_BEFORE_START`] such deaths
+    /// alone in its batch, that task fails with the last one's exit status.
     fn died_before_start(
         &mut self,
         batch: Batch,
@@ -1192,24 +1194,27 @@ where
         pid: u32,
         ended: &Option<launch::Ended>,
     ) {
-        let first = batch.first_index;
-        let deaths = self.deaths_before_start.entry(first).or_insert(0);
+        let n = batch.count() as usize;
+        if n > 1 {
+            self.queued.push_front(batch.slice(n / 2..n));
+            self.queued.push_front(batch.slice(0..n / 2));
+            return;
+        }
+        let index = batch.first_index;
+        let deaths = self.deaths_before_start.entry(index).or_insert(0);
         *deaths += 1;
         if *deaths < DEATHS_BEFORE_START {
             self.queued.push_front(batch);
             return;
         }
-        self.deaths_before_start.remove(&first);
-        for index in first..first + u64::from(batch.count()) {
-            let err = TaskError::worker_died(
-                index,
-                id,
-                pid,
-                ended.clone(),
-                Death::BeforeStart(DEATHS_BEFORE_START),
-            );
-            self.collector.put(index, Err(err));
-        }
+        let err = TaskError::worker_died(
+            index,
+            id,
+            pid,
+            ended.clone(),
+            Death::BeforeStart(DEATHS_BEFORE_START),
+        );
+        self.collector.put(index, Err(err));
     }
 
     /// Stops all work of this run: busy workers are killed and replaced, and
