@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use procpool_worker::arena::{self, ARENA_MIN_BYTES, Ring};
 use procpool_worker::protocol::{
     BATCH_HEADER, BUILD_MISMATCH, LogRecord, MAX_ARGUMENT_BYTES, RESULTS_HEADER, Ready, Setup,
-    TaskFailure, begin_item, end_item, from_worker, split_item, to_worker,
+    TaskFailure, begin_item, encode_into, end_item, from_worker, split_item, to_worker,
 };
 use procpool_worker::stamps::{Step, stamp};
 use procpool_worker::status::monotonic_ns;
@@ -177,20 +177,21 @@ fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count:
 /// call.
 pub(crate) fn encode_argument<A: Serialize>(arg: A, out: &mut Vec<u8>) -> Result<(), TaskFailure> {
     let mark = out.len();
-    let (encoded, dropped) = capturing(|| {
-        let encoded = catch(|| {
+    // One `catch_unwind` for both: a panic in either fails the task.
+    let encoded = capturing(|| {
+        catch(|| {
             let content = begin_item(out);
-            let encoded = postcard::to_io(&arg, &mut *out).map(drop);
+            let encoded = encode_into(&arg, out);
             end_item(out, content);
+            drop(arg);
             encoded
-        });
-        (encoded, catch(move || drop(arg)))
+        })
     });
-    let failure = match (encoded, dropped) {
-        (Ok(Ok(())), Ok(())) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
-        (Ok(Ok(())), Ok(())) => TaskFailure::argument_too_large(out.len() - mark),
-        (Err(panic), _) | (_, Err(panic)) => panic,
-        (Ok(Err(e)), Ok(())) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+    let failure = match encoded {
+        Ok(Ok(())) if out.len() - mark <= MAX_ARGUMENT_BYTES => return Ok(()),
+        Ok(Ok(())) => TaskFailure::argument_too_large(out.len() - mark),
+        Ok(Err(e)) => TaskFailure::BadArgument(format!("cannot encode argument: {e}")),
+        Err(panic) => panic,
     };
     out.truncate(mark);
     Err(failure)

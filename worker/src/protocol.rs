@@ -63,6 +63,57 @@ pub const RESULT_FAILURE_RESERVE: usize = 4 + RESULT_TOO_LARGE.len();
 /// room for a longer one.
 pub const RESULT_TOO_LARGE: &str = "result too large to send";
 
+/// Appends `value`, postcard-encoded, to `out`. On error, `out` may hold part
+/// of the encoding: the caller truncates it.
+///
+/// Faster than `postcard::to_io` for the small values most tasks take and
+/// return: a few bytes go in one by one rather than through a call to
+/// `memcpy` each.
+///
+/// ```
+/// let mut out = vec![9];
+/// procpool_worker::protocol::encode_into(&(1u8, 300u32), &mut out).unwrap();
+/// assert_eq!(out, [9, 1, 0xac, 0x02]);
+/// ```
+#[inline]
+pub fn encode_into<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), postcard::Error> {
+    postcard::serialize_with_flavor(value, AppendTo(out))
+}
+
+/// A postcard flavor that appends to a `Vec`.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() <= 16 {
+            self.0.reserve(data.len());
+            for &byte in data {
+                self.0.push(byte);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Most bytes an item's length prefix takes (a LEB128 `u32`).
 pub const MAX_ITEM_PREFIX: usize = 5;
 

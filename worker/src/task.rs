@@ -14,8 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::{
-    MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure, begin_item, end_item,
-    split_item,
+    MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure, begin_item,
+    encode_into, end_item, split_item,
 };
 use crate::stamps::{Step, stamp};
 
@@ -153,39 +153,32 @@ fn run_one<A, R>(
             seed: task_seed(root_seed, index),
         }))
     });
-    forget_last_panic();
-    stamp(Step::CallStart);
-    let outcome: Result<R, TaskFailure> =
-        match catch(|| postcard::from_bytes::<A>(item).map(|arg| catch(|| call(arg)))) {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(TaskFailure::BadArgument(format!(
+    let mark = out.len();
+    // One `catch_unwind` for the whole task: whichever step panics, the
+    // task fails with that panic, and what it had encoded gives way.
+    let ran = catch(|| {
+        stamp(Step::CallStart);
+        let outcome: Result<R, TaskFailure> = match postcard::from_bytes::<A>(item) {
+            Ok(arg) => Ok(call(arg)),
+            Err(e) => Err(TaskFailure::BadArgument(format!(
                 "cannot decode argument: {e}"
             ))),
-            Err(panic) => Err(panic),
         };
-    stamp(Step::CallDone);
-    if crate::link::is_fork_copy() {
-        // A copy of the worker that the task forked, returning from the
-        // task: the worker itself answers for it. The copy has no link and
-        // must not run the rest of the batch a second time. Stdout is not
-        // flushed: another thread may have held its lock at the fork, and
-        // what its buffer held then is the worker's to write.
-        // SAFETY: _exit ends the process without running any more code.
-        unsafe { libc::_exit(0) };
-    }
-    let mark = out.len();
-    let failed = match catch(|| encode_outcome(&outcome, out, base, later)) {
-        Ok(()) => catch(move || drop(outcome)).err(),
-        // The value is dropped all the same; a second panic there changes
-        // nothing more.
-        Err(panic) => {
-            let _ = catch(move || drop(outcome));
-            Some(panic)
+        stamp(Step::CallDone);
+        if crate::link::is_fork_copy() {
+            // A copy of the worker that the task forked, returning from the
+            // task: the worker itself answers for it. The copy has no link
+            // and must not run the rest of the batch a second time. Stdout
+            // is not flushed: another thread may have held its lock at the
+            // fork, and what its buffer held then is the worker's to write.
+            // SAFETY: _exit ends the process without running any more code.
+            unsafe { libc::_exit(0) };
         }
-    };
-    if let Some(failure) = failed {
-        // The result's `Serialize` or `Drop` panicked: what it encoded
-        // gives way to the panic.
+        encode_outcome(&outcome, out, base, later);
+        // The result's `Drop` is the task's too.
+        drop(outcome);
+    });
+    if let Err(failure) = ran {
         out.truncate(mark);
         encode_outcome(&Err::<(), _>(failure), out, base, later);
     }
@@ -202,7 +195,8 @@ fn run_one<A, R>(
 /// ```
 #[inline]
 pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, TaskFailure> {
-    panic::catch_unwind(AssertUnwindSafe(f)).map_err(panic_failure)
+    let seen = PANICS_SEEN.with(Cell::get);
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_failure(payload, seen))
 }
 
 /// Runs `f` with the panics of this thread recorded for [`catch`] rather
@@ -215,39 +209,32 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, TaskFailure> {
 /// let failure = capturing(|| catch(|| panic!("quiet"))).unwrap_err();
 /// assert!(format!("{failure:?}").contains("quiet"));
 /// ```
+#[inline]
 pub fn capturing<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
             CAPTURE.with(|c| c.set(self.0));
         }
     }
     install_panic_hook();
     let _restore = Restore(CAPTURE.with(|c| c.replace(true)));
-    forget_last_panic();
     f()
 }
 
-/// Forgets the panic the hook recorded last, if any: one a task caught
-/// itself must not lend its message to a later failure.
-#[inline]
-fn forget_last_panic() {
-    LAST_PANIC.with(|p| {
-        if p.borrow().is_some() {
-            p.borrow_mut().take();
-        }
-    });
-}
-
-/// The failure of a panic whose payload is `payload`.
-fn panic_failure(payload: Box<dyn std::any::Any + Send>) -> TaskFailure {
+/// The failure of a panic whose payload is `payload`; `seen` is what
+/// [`PANICS_SEEN`] held when the code that panicked started.
+#[cold]
+fn panic_failure(payload: Box<dyn std::any::Any + Send>, seen: u64) -> TaskFailure {
     let message = payload_message(&*payload);
-    // The hook saw this panic if it saw one with the same message since the
-    // task started; `resume_unwind` does not call the hook at all.
+    // The location is known if the hook recorded this panic: one recorded
+    // since the code started, with the same message. `resume_unwind` does
+    // not call the hook, and a panic the task caught itself is older.
     let location = LAST_PANIC
         .with(|p| p.borrow_mut().take())
-        .filter(|(m, _)| *m == message)
-        .and_then(|(_, l)| l);
+        .filter(|last| last.number > seen && last.message == message)
+        .and_then(|last| last.location);
     // A payload whose own `Drop` panics must not unwind out of here.
     if let Err(second) = panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(second);
@@ -281,7 +268,7 @@ fn encode_outcome_within<R: Serialize>(
     let limit = max.saturating_sub(later.saturating_mul(RESULT_FAILURE_RESERVE));
     let mark = out.len();
     let content = begin_item(out);
-    let encoded = postcard::to_io(outcome, &mut *out).map(drop);
+    let encoded = encode_into(outcome, out);
     let failure = match encoded {
         Ok(()) => {
             end_item(out, content);
@@ -310,7 +297,7 @@ fn encode_outcome_within<R: Serialize>(
 fn push_failure(out: &mut Vec<u8>, failure: TaskFailure) {
     let content = begin_item(out);
     // Encoding a plain enum of strings into a Vec cannot fail.
-    let _ = postcard::to_io(&Err::<(), _>(failure), &mut *out);
+    let _ = encode_into(&Err::<(), _>(failure), out);
     end_item(out, content);
 }
 
@@ -333,10 +320,20 @@ pub struct TaskContext {
     pub seed: u64,
 }
 
+/// A panic the hook recorded while [`capturing`].
+struct RecordedPanic {
+    /// Its number among the panics recorded on its thread, from 1.
+    number: u64,
+    message: String,
+    location: Option<String>,
+}
+
 thread_local! {
     static CURRENT: Cell<Option<TaskContext>> = const { Cell::new(None) };
     static CAPTURE: Cell<bool> = const { Cell::new(false) };
-    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+    /// Panics the hook has recorded on this thread.
+    static PANICS_SEEN: Cell<u64> = const { Cell::new(0) };
+    static LAST_PANIC: RefCell<Option<RecordedPanic>> = const { RefCell::new(None) };
 }
 
 /// The task this thread is running, if any.
@@ -358,7 +355,15 @@ pub fn install_panic_hook() {
                 let location = info
                     .location()
                     .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-                LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
+                let number = PANICS_SEEN.with(|n| n.get() + 1);
+                PANICS_SEEN.with(|n| n.set(number));
+                LAST_PANIC.with(|p| {
+                    *p.borrow_mut() = Some(RecordedPanic {
+                        number,
+                        message,
+                        location,
+                    })
+                });
             } else {
                 previous(info);
             }
