@@ -440,7 +440,7 @@ where
     // A pool could not send what this refuses either, so errors do not
     // depend on n_jobs.
     let mut items = Vec::new();
-    if let Err(failure) = crate::pool::encode_argument(arg, &mut items) {
+    if let Err(failure) = crate::pool::encode_argument(arg, &mut items, &mut true) {
         return Err(TaskError::from_failure(index, failure));
     }
     let mut out = Vec::new();

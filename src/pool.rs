@@ -175,14 +175,18 @@ fn begin_batch_frame(out: &mut Vec<u8>, first_index: u64, root_seed: u64, count:
 /// `Serialize` or `Drop` panics, `out` is left as it was and the task's
 /// failure is returned. The same check for every `n_jobs`, pool or isolated
 /// call.
-pub(crate) fn encode_argument<A: Serialize>(arg: A, out: &mut Vec<u8>) -> Result<(), TaskFailure> {
+pub(crate) fn encode_argument<A: Serialize>(
+    arg: A,
+    out: &mut Vec<u8>,
+    large: &mut bool,
+) -> Result<(), TaskFailure> {
     let mark = out.len();
     // One `catch_unwind` for both: a panic in either fails the task.
     let encoded = capturing(|| {
         catch(|| {
-            let content = begin_item(out);
+            let start = begin_item(out, *large);
             let encoded = encode_into(&arg, out);
-            end_item(out, content);
+            *large = end_item(out, start);
             drop(arg);
             encoded
         })
@@ -207,7 +211,7 @@ fn task_frame<A: Serialize>(
     arg: A,
 ) -> Result<(), TaskFailure> {
     let start = begin_batch_frame(out, index, root_seed, 1);
-    if let Err(failure) = encode_argument(arg, out) {
+    if let Err(failure) = encode_argument(arg, out, &mut true) {
         out.truncate(start);
         return Err(failure);
     }
@@ -899,6 +903,9 @@ where
             items: Vec::new(),
             in_arena: false,
         };
+        // Whether the next argument is expected to take 128 bytes or more
+        // (see `begin_item`): the first is; then each is like the one before.
+        let mut large = true;
         while batch.offsets.len() < max_count && batch.items.len() < max_bytes {
             let Some(item) = self.input.next() else {
                 self.exhausted = true;
@@ -907,7 +914,7 @@ where
             let mark = batch.items.len();
             let index = self.next_index;
             self.next_index += 1;
-            if let Err(failure) = encode_argument(item, &mut batch.items) {
+            if let Err(failure) = encode_argument(item, &mut batch.items, &mut large) {
                 // This argument cannot be sent: it fails alone, and the batch
                 // so far goes out without it.
                 self.collector

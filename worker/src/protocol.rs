@@ -117,41 +117,70 @@ impl postcard::ser_flavors::Flavor for AppendTo<'_> {
 /// Most bytes an item's length prefix takes (a LEB128 `u32`).
 pub const MAX_ITEM_PREFIX: usize = 5;
 
-/// Starts an item of a BATCH or RESULTS body at the end of `out` and returns
-/// where its content starts; [`end_item`] finishes it.
+/// Where an item being written starts (see [`begin_item`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ItemStart {
+    /// Where its prefix starts.
+    prefix: usize,
+    /// Where its content starts, behind the room kept for the prefix.
+    content: usize,
+}
+
+/// Starts an item of a BATCH or RESULTS body at the end of `out`;
+/// [`end_item`] finishes it.
 ///
 /// Each argument and each outcome is framed on its own, its length first
 /// (LEB128), so that a reader who cannot decode one item, or whose decoder
 /// panics, still finds the next: a bad item never costs its neighbours in
-/// the batch. One byte is reserved for the length; a content of 128 bytes or
-/// more moves right to make room for the longer prefix.
+/// the batch. The length is known only once the content is written, so room
+/// is kept for the prefix: one byte when the item is expected to be short
+/// (under 128 bytes), else five. A guess that turns out wrong costs a move of
+/// the content; writers guess from the item before, so a run of large
+/// arguments or results is never copied again, and a run of small ones
+/// never moves at all.
 #[inline]
-pub fn begin_item(out: &mut Vec<u8>) -> usize {
-    out.push(0);
-    out.len()
+pub fn begin_item(out: &mut Vec<u8>, expect_large: bool) -> ItemStart {
+    let prefix = out.len();
+    if expect_large {
+        out.extend_from_slice(&[0; MAX_ITEM_PREFIX]);
+    } else {
+        out.push(0);
+    }
+    ItemStart {
+        prefix,
+        content: out.len(),
+    }
 }
 
-/// Finishes the item whose content starts at `content` (from
-/// [`begin_item`]) and runs to the end of `out`.
+/// Finishes the item started at `start` (from [`begin_item`]), whose
+/// content runs to the end of `out`; returns whether it was large (128
+/// bytes or more), the guess for the next item.
 ///
 /// The content must be shorter than 4 GiB (frames are at most 2 GiB).
 #[inline]
-pub fn end_item(out: &mut Vec<u8>, content: usize) {
+pub fn end_item(out: &mut Vec<u8>, start: ItemStart) -> bool {
+    let ItemStart { prefix, content } = start;
     let len = out.len() - content;
     if len < 0x80 {
-        out[content - 1] = len as u8;
-        return;
+        out[prefix] = len as u8;
+        if content > prefix + 1 {
+            out.copy_within(content.., prefix + 1);
+            out.truncate(prefix + 1 + len);
+        }
+        return false;
     }
-    let mut prefix = [0u8; MAX_ITEM_PREFIX];
-    let mut n = 0;
+    if content == prefix + 1 {
+        out.splice(prefix..content, [0; MAX_ITEM_PREFIX]);
+    }
+    // Five bytes whatever the length: LEB128 allows the padding, and the
+    // content then stays where it is.
     let mut rest = len as u64;
-    while rest >= 0x80 {
-        prefix[n] = (rest as u8 & 0x7f) | 0x80;
+    for byte in &mut out[prefix..prefix + MAX_ITEM_PREFIX - 1] {
+        *byte = (rest as u8 & 0x7f) | 0x80;
         rest >>= 7;
-        n += 1;
     }
-    prefix[n] = rest as u8;
-    out.splice(content - 1..content, prefix[..=n].iter().copied());
+    out[prefix + MAX_ITEM_PREFIX - 1] = rest as u8;
+    true
 }
 
 /// Appends `bytes` to `out` as one item.
@@ -167,9 +196,9 @@ pub fn end_item(out: &mut Vec<u8>, content: usize) {
 /// assert!(rest.is_empty());
 /// ```
 pub fn push_item(out: &mut Vec<u8>, bytes: &[u8]) {
-    let content = begin_item(out);
+    let start = begin_item(out, bytes.len() >= 0x80);
     out.extend_from_slice(bytes);
-    end_item(out, content);
+    end_item(out, start);
 }
 
 /// Takes the next item off the front of `rest`; `None` if `rest` does not
@@ -397,3 +426,48 @@ pub const BUILD_MISMATCH: &str = "the worker runs a different build than its par
 
 /// Environment variable that tells a re-executed binary which role to take.
 pub const ROLE_ENV: &str = "__PROCPOOL_ROLE";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_of_every_size_read_back_in_order() {
+        let sizes = [0, 1, 5, 16, 17, 127, 128, 129, 300, 16_383, 16_384, 70_000];
+        let mut body = vec![0xee];
+        // Every guess, right and wrong, for every size.
+        for expect_large in [false, true] {
+            for (i, &n) in sizes.iter().enumerate() {
+                let start = begin_item(&mut body, expect_large);
+                body.extend((0..n).map(|j| (i + j) as u8));
+                assert_eq!(end_item(&mut body, start), n >= 128);
+            }
+        }
+        let mut rest = &body[1..];
+        for _ in 0..2 {
+            for (i, &n) in sizes.iter().enumerate() {
+                let item = split_item(&mut rest).unwrap();
+                assert_eq!(item.len(), n);
+                assert!(item.iter().enumerate().all(|(j, &b)| b == (i + j) as u8));
+            }
+        }
+        assert!(rest.is_empty());
+        // Small items take one byte of prefix, large ones five.
+        let prefixes: usize = sizes.iter().map(|&n| if n < 128 { 1 } else { 5 }).sum();
+        assert_eq!(body.len(), 1 + 2 * (prefixes + sizes.iter().sum::<usize>()));
+    }
+
+    #[test]
+    fn a_cut_or_overlong_item_is_not_taken() {
+        let mut body = Vec::new();
+        push_item(&mut body, &[1; 200]);
+        for cut in 0..body.len() {
+            let mut rest = &body[..cut];
+            assert_eq!(split_item(&mut rest), None, "cut at {cut}");
+            assert_eq!(rest.len(), cut, "a failed split leaves the rest");
+        }
+        // A prefix that never ends.
+        let mut rest = &[0x80u8, 0x80, 0x80, 0x80, 0x80, 0x01][..];
+        assert_eq!(split_item(&mut rest), None);
+    }
+}

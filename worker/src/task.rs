@@ -112,6 +112,9 @@ where
     let base = out.len();
     let mut rest = batch.items;
     let count = u64::from(batch.count);
+    // Whether the next result is expected to take 128 bytes or more (see
+    // `begin_item`): the first is; then each is like the one before.
+    let mut large = true;
     for i in 0..count {
         let index = batch.first_index + i;
         let later = (count - i - 1) as usize;
@@ -123,11 +126,18 @@ where
             for j in i..count {
                 let outcome: Result<(), TaskFailure> =
                     Err(TaskFailure::BadArgument(failure.clone()));
-                encode_outcome(&outcome, out, base, (count - j - 1) as usize);
+                encode_outcome(&outcome, out, base, (count - j - 1) as usize, &mut large);
             }
             break;
         };
-        run_one(&call, item, index, batch.root_seed, out, base, later);
+        run_one(
+            &call,
+            item,
+            (index, batch.root_seed),
+            out,
+            (base, later),
+            &mut large,
+        );
     }
     CURRENT.with(|c| c.set(None));
     CAPTURE.with(|c| c.set(was_capturing));
@@ -137,11 +147,10 @@ where
 fn run_one<A, R>(
     call: &impl Fn(A) -> R,
     item: &[u8],
-    index: u64,
-    root_seed: u64,
+    (index, root_seed): (u64, u64),
     out: &mut Vec<u8>,
-    base: usize,
-    later: usize,
+    (base, later): (usize, usize),
+    large: &mut bool,
 ) where
     A: DeserializeOwned,
     R: Serialize,
@@ -174,13 +183,13 @@ fn run_one<A, R>(
             // SAFETY: _exit ends the process without running any more code.
             unsafe { libc::_exit(0) };
         }
-        encode_outcome(&outcome, out, base, later);
+        encode_outcome(&outcome, out, base, later, large);
         // The result's `Drop` is the task's too.
         drop(outcome);
     });
     if let Err(failure) = ran {
         out.truncate(mark);
-        encode_outcome(&Err::<(), _>(failure), out, base, later);
+        encode_outcome(&Err::<(), _>(failure), out, base, later, large);
     }
 }
 
@@ -253,25 +262,25 @@ fn encode_outcome<R: Serialize>(
     out: &mut Vec<u8>,
     base: usize,
     later: usize,
+    large: &mut bool,
 ) {
-    encode_outcome_within(outcome, out, base, later, MAX_RESULTS_BYTES);
+    encode_outcome_within(outcome, out, (base, later, MAX_RESULTS_BYTES), large);
 }
 
 /// [`encode_outcome`] for a message that carries `max` bytes of outcomes.
 fn encode_outcome_within<R: Serialize>(
     outcome: &Result<R, TaskFailure>,
     out: &mut Vec<u8>,
-    base: usize,
-    later: usize,
-    max: usize,
+    (base, later, max): (usize, usize, usize),
+    large: &mut bool,
 ) {
     let limit = max.saturating_sub(later.saturating_mul(RESULT_FAILURE_RESERVE));
     let mark = out.len();
-    let content = begin_item(out);
+    let start = begin_item(out, *large);
     let encoded = encode_into(outcome, out);
     let failure = match encoded {
         Ok(()) => {
-            end_item(out, content);
+            *large = end_item(out, start);
             if out.len() - base <= limit {
                 return;
             }
@@ -295,10 +304,10 @@ fn encode_outcome_within<R: Serialize>(
 
 /// Appends the framed outcome `Err(failure)` to `out`.
 fn push_failure(out: &mut Vec<u8>, failure: TaskFailure) {
-    let content = begin_item(out);
+    let start = begin_item(out, false);
     // Encoding a plain enum of strings into a Vec cannot fail.
     let _ = encode_into(&Err::<(), _>(failure), out);
-    end_item(out, content);
+    end_item(out, start);
 }
 
 fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -429,9 +438,10 @@ mod tests {
         ] {
             let mut out = vec![9u8; 7];
             let base = out.len();
+            let mut large = true;
             for i in 0..count {
                 let value: Result<Vec<u8>, TaskFailure> = Ok(vec![1; size]);
-                encode_outcome_within(&value, &mut out, base, count - i - 1, max);
+                encode_outcome_within(&value, &mut out, (base, count - i - 1, max), &mut large);
             }
             assert!(
                 out.len() - base <= max,
@@ -456,7 +466,7 @@ mod tests {
             // A result that fits beside the room kept for the others is kept.
             let mut alone = Vec::new();
             let value: Result<Vec<u8>, TaskFailure> = Ok(vec![1; size]);
-            encode_outcome_within(&value, &mut alone, 0, 0, usize::MAX);
+            encode_outcome_within(&value, &mut alone, (0, 0, usize::MAX), &mut true);
             let first_fits = alone.len() <= max - (count - 1) * RESULT_FAILURE_RESERVE;
             assert_eq!(fitted > 0, first_fits, "max {max}, size {size}");
         }
