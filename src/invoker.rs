@@ -12,7 +12,7 @@ use procpool_worker::task::{self, BatchRunner, BatchView};
 use crate::batching::BatchSizer;
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
-use crate::pool::{Policy, Pool, PoolSpec, Run};
+use crate::pool::{Policy, PoolSpec, Run, Workers};
 use crate::seed;
 use crate::store::{ArchivedModel, ModelStore};
 
@@ -229,7 +229,7 @@ where
                 max_tries: self.max_tries,
                 replace_dead: true,
             };
-            Backend::Pool(Pool::start(PoolSpec::new(
+            Backend::Pool(Workers::start(PoolSpec::new(
                 self.start_method,
                 n_jobs,
                 Some(model),
@@ -251,7 +251,7 @@ where
 
 enum Backend {
     InProcess,
-    Pool(Pool),
+    Pool(Workers),
 }
 
 /// Applies a function to a shared model over streams of arguments. Made by
@@ -371,6 +371,9 @@ impl<M: rkyv::Archive, A, R> Drop for Invoker<M, A, R> {
     }
 }
 
+// One per `map`, held where the caller holds the map: boxing the large
+// variant would cost an allocation per map, a lone task's included.
+#[allow(clippy::large_enum_variant)]
 enum MapInner<'a, M, A, R, I>
 where
     M: rkyv::Archive,

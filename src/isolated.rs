@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{Policy, Pool, PoolSpec, Run};
+use crate::pool::{Policy, PoolSpec, Run, Workers};
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
@@ -150,7 +150,7 @@ where
             (runner, self.func as usize),
             policy,
         );
-        let mut pool = Pool::start_with_task(spec, index, root_seed, arg)
+        let mut pool = Workers::start_with_task(spec, index, root_seed, arg)
             .map_err(|failure| TaskError::from_failure(index, failure))?
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;
         let mut sizer = BatchSizer::new(Some(1));

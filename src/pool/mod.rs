@@ -1,0 +1,116 @@
+//! The engine behind every multi-process API: a set of worker processes
+//! ([`Workers`]), batches of encoded tasks pushed to them and their
+//! outcomes pulled back ([`Engine`]), and the typed layer of a `map`
+//! ([`Run`]), which encodes arguments and decodes results.
+//!
+//! - `workers`: starting, replacing and stopping the processes of a pool.
+//! - `worker`: one worker's connection (its link, status page, arena and
+//!   the batches it holds), and the handshake with a new one.
+//! - `batch`: tasks with contiguous indices and their encoded arguments.
+//! - `engine`: dispatch and waiting, not generic over user types: driven by
+//!   calls (submit a batch, wait for the next events), so that anything can
+//!   push work to it.
+//! - `blame`: which task a dead worker's death is charged to, and what runs
+//!   again; pure logic, tested here without processes.
+//! - `run`: a `map` over an input iterator, results in input order or as
+//!   they complete.
+//!
+//! A worker that dies is noticed at once (its pipe reaches end of file). Its
+//! status page says which task it was running: only that task fails (after
+//! `max_tries` deaths), the other tasks it held run again elsewhere from the
+//! copy of their arguments kept here, and a fresh worker takes its place.
+
+mod batch;
+mod blame;
+mod engine;
+mod run;
+mod worker;
+mod workers;
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use procpool_worker::protocol::Setup;
+use procpool_worker::task::BatchRunner;
+
+use crate::launch::StartMethod;
+
+pub(crate) use batch::encode_argument;
+pub(crate) use run::{Run, decode_outcome};
+pub(crate) use workers::Workers;
+
+/// Batches each worker may hold at once: one running, one waiting, so a
+/// worker never idles between batches.
+const IN_FLIGHT_PER_WORKER: usize = 2;
+/// Workers that may die holding a task alone in the batch they were to run
+/// next, before it started (killed from outside, or unable to read it),
+/// before the task fails rather than runs again.
+const DEATHS_BEFORE_START: u32 = 3;
+/// How long a new worker may take to start and report ready.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the exit status of a worker whose link closed.
+const EXIT_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker may take to drain and exit at shutdown before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a timed-out worker has between SIGTERM and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_millis(500);
+
+/// How a pool treats its tasks and workers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    /// Longest a task may run before its worker is stopped.
+    pub task_timeout: Option<Duration>,
+    /// Address-space limit of each worker.
+    pub memory_limit: Option<u64>,
+    /// Deaths a task may cause before it is reported instead of retried.
+    pub max_tries: u32,
+    /// Whether a dead worker is replaced (a pool) or not (an isolated call).
+    pub replace_dead: bool,
+}
+
+impl PoolSpec {
+    /// A pool of `n_jobs` workers that run `runner` over the user's
+    /// function at `user_fn`, both in this executable.
+    pub fn new(
+        method: StartMethod,
+        n_jobs: usize,
+        model: Option<OwnedFd>,
+        (runner, user_fn): (BatchRunner, usize),
+        policy: Policy,
+    ) -> PoolSpec {
+        let setup = Setup {
+            fingerprint: procpool_worker::fnref::fingerprint(),
+            worker_id: 0,
+            batch_runner: procpool_worker::fnref::offset_of(runner as usize),
+            user_fn: procpool_worker::fnref::offset_of(user_fn),
+            max_log_level: log::max_level() as usize as u8,
+            env: crate::config::worker_env(n_jobs),
+            memory_limit: policy.memory_limit,
+            timed: policy.task_timeout.is_some(),
+            one_batch: false,
+        };
+        PoolSpec {
+            method,
+            n_jobs,
+            model,
+            setup,
+            task_timeout: policy.task_timeout,
+            max_tries: policy.max_tries,
+            replace_dead: policy.replace_dead,
+        }
+    }
+}
+
+/// What every worker of a pool is set up with, and the pool's policies.
+pub(crate) struct PoolSpec {
+    pub method: StartMethod,
+    pub n_jobs: usize,
+    pub model: Option<OwnedFd>,
+    pub setup: Setup,
+    /// Longest a task may run before its worker is stopped.
+    pub task_timeout: Option<Duration>,
+    /// Deaths a task may cause before it is reported instead of retried.
+    pub max_tries: u32,
+    /// Whether a dead worker is replaced (a pool) or not (an isolated call).
+    pub replace_dead: bool,
+}
