@@ -36,6 +36,14 @@ pub mod from_worker {
     pub const RESULTS_IN_ARENA: u8 = 15;
 }
 
+/// Reads a little-endian `u64` at `at` in `bytes`, which must hold it.
+#[inline]
+pub fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
 /// Byte length of the fixed part of a batch body.
 pub const BATCH_HEADER: usize = 8 + 8 + 4;
 /// Byte length of the fixed part of a results body.

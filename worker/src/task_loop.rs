@@ -9,7 +9,7 @@ use crate::arena::{self, ARENA_MIN_BYTES, Ring};
 use crate::fnref;
 use crate::link;
 use crate::protocol::{
-    BATCH_HEADER, NUM_PROCS_ENV, Ready, Setup, THREAD_ENV_VARS, from_worker, to_worker,
+    BATCH_HEADER, NUM_PROCS_ENV, Ready, Setup, THREAD_ENV_VARS, from_worker, le_u64, to_worker,
 };
 use crate::store_format::{HEADER_LEN, Header};
 use crate::sys::{self, FrameReader, WorkerFds};
@@ -37,12 +37,6 @@ pub fn leave(code: i32) -> ! {
         libc::fflush(std::ptr::null_mut());
         libc::_exit(code)
     }
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Maps the model store read-only and returns its archive bytes, which live
