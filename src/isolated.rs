@@ -9,9 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::batching::BatchSizer;
+use crate::engine::{Policy, PoolSpec, Run, Workers};
 use crate::error::TaskError;
 use crate::launch::StartMethod;
-use crate::pool::{Policy, PoolSpec, Run, Workers};
 
 /// Calls made so far; each call's seed derives from its number.
 static SPAWNS: AtomicU64 = AtomicU64::new(0);

@@ -13,6 +13,9 @@
 //! - [`invoker`] (or [`InvokerBuilder`]) starts workers for a function
 //!   `fn(&ArchivedModel, A) -> R`; [`Invoker::map`] and
 //!   [`Invoker::map_unordered`] apply it to a stream of arguments.
+//! - [`pool`] (or [`PoolBuilder`]) does the same for a plain `fn(A) -> R`,
+//!   with no model.
+//! - [`run_sp`] (or [`Isolated`]) runs one call in a fresh process.
 //! - [`proc_count`] says how many processes to use.
 //! - [`init`] starts the fork server early; call it first in `main`.
 //!
@@ -66,19 +69,23 @@
 
 mod batching;
 mod config;
+mod engine;
 mod error;
 mod invoker;
 mod isolated;
 mod launch;
+mod map;
 mod pool;
 mod seed;
 mod store;
 
 pub use config::{NUM_PROCS_ENV, THREAD_ENV_VARS, available_cpus, proc_count};
 pub use error::{ConfigError, ExitInfo, PoolError, StoreError, TaskError};
-pub use invoker::{Invoker, InvokerBuilder, Map, MapUnordered, TaskFn, invoker};
+pub use invoker::{Invoker, InvokerBuilder, TaskFn, invoker};
 pub use isolated::{Isolated, run_sp};
 pub use launch::{ForkPermit, StartMethod};
+pub use map::{Map, MapUnordered};
+pub use pool::{Pool, PoolBuilder, pool};
 pub use seed::{SEED_ENV, seed};
 pub use store::{
     ArchivedModel, Model, ModelStore, StoreSink, persist, persist_to_path, persist_with_schema,

@@ -129,6 +129,17 @@ pub struct ModelStore<M: rkyv::Archive> {
     _model: PhantomData<fn() -> M>,
 }
 
+/// A [`ModelStore`]'s mapping, without its model type.
+#[derive(Clone)]
+pub(crate) struct UntypedStore(Arc<StoreInner>);
+
+impl UntypedStore {
+    /// The archive's bytes, after the header.
+    pub(crate) fn archive_bytes(&self) -> &[u8] {
+        &self.0.map[HEADER_LEN..]
+    }
+}
+
 struct StoreInner {
     fd: OwnedFd,
     map: Mmap,
@@ -311,6 +322,12 @@ impl<M: rkyv::Archive> ModelStore<M> {
     /// The archive bytes (after the header).
     pub(crate) fn archive_bytes(&self) -> &[u8] {
         &self.inner.map[HEADER_LEN..]
+    }
+
+    /// The mapped store without its model type, for code that must not
+    /// name it (it keeps the mapping alive).
+    pub(crate) fn untyped(&self) -> UntypedStore {
+        UntypedStore(self.inner.clone())
     }
 
     /// The size of the archive in bytes.

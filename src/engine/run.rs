@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::batch::{Batch, encode_argument};
-use super::engine::{Engine, Sink};
+use super::dispatch::{Engine, Sink};
 use super::workers::Workers;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;

@@ -7,9 +7,9 @@
 //! - `worker`: one worker's connection (its link, status page, arena and
 //!   the batches it holds), and the handshake with a new one.
 //! - `batch`: tasks with contiguous indices and their encoded arguments.
-//! - `engine`: dispatch and waiting, not generic over user types: driven by
-//!   calls (submit a batch, wait for the next events), so that anything can
-//!   push work to it.
+//! - `dispatch`: the [`Engine`], dispatch and waiting, not generic over
+//!   user types: driven by calls (submit a batch, wait for the next
+//!   events), so that anything can push work to it.
 //! - `blame`: which task a dead worker's death is charged to, and what runs
 //!   again; pure logic, tested here without processes.
 //! - `run`: a `map` over an input iterator, results in input order or as
@@ -22,7 +22,7 @@
 
 mod batch;
 mod blame;
-mod engine;
+mod dispatch;
 mod run;
 mod worker;
 mod workers;

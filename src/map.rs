@@ -1,0 +1,432 @@
+//! What an [`Invoker`](crate::Invoker) and a [`Pool`](crate::Pool) share:
+//! their options, the processes (or, for `n_jobs = 1`, this process) that
+//! run their tasks, and the iterators their maps return.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use procpool_worker::protocol::{MAX_BATCH_TASKS, split_item};
+use procpool_worker::task::{BatchRunner, BatchView, capturing};
+
+use crate::batching::BatchSizer;
+use crate::engine::{Policy, PoolSpec, Run, Workers};
+use crate::error::{PoolError, TaskError};
+use crate::launch::StartMethod;
+use crate::seed;
+
+/// The options of a map-running builder, before they are checked.
+#[derive(Debug, Clone)]
+pub(crate) struct MapOptions {
+    pub n_jobs: Option<usize>,
+    pub start_method: StartMethod,
+    pub chunk_size: Option<usize>,
+    pub seed: Option<u64>,
+    pub task_timeout: Option<Duration>,
+    pub memory_limit: Option<u64>,
+    pub max_tries: u32,
+    pub fail_fast: bool,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions {
+            n_jobs: None,
+            start_method: StartMethod::default(),
+            chunk_size: None,
+            seed: None,
+            task_timeout: None,
+            memory_limit: None,
+            max_tries: 2,
+            fail_fast: false,
+        }
+    }
+}
+
+/// The builder methods every map-running builder has, each setting one
+/// field of its `options: MapOptions`.
+macro_rules! map_options {
+    () => {
+        /// Worker processes to use; 1 runs in this process. Default:
+        /// [`proc_count(2, Some(4), 0)`](crate::proc_count).
+        pub fn n_jobs(mut self, n_jobs: usize) -> Self {
+            self.options.n_jobs = Some(n_jobs);
+            self
+        }
+
+        /// How workers are started. Default: [`StartMethod::ForkServer`](crate::StartMethod::ForkServer).
+        pub fn start_method(mut self, method: crate::StartMethod) -> Self {
+            self.options.start_method = method;
+            self
+        }
+
+        /// Tasks per batch, instead of automatic sizing: from 1 to
+        /// 16,777,216 (2^24).
+        pub fn chunk_size(mut self, chunk_size: usize) -> Self {
+            self.options.chunk_size = Some(chunk_size);
+            self
+        }
+
+        /// The root seed task seeds derive from. Default: `PROCPOOL_SEED`,
+        /// else random from the OS.
+        pub fn seed(mut self, seed: u64) -> Self {
+            self.options.seed = Some(seed);
+            self
+        }
+
+        /// Stops a worker whose task runs longer than `limit` (SIGTERM, then
+        /// SIGKILL half a second later); that task fails with
+        /// [`TaskError::is_timeout`](crate::TaskError::is_timeout) and is not
+        /// retried. Applies to worker processes only: with `n_jobs = 1` tasks
+        /// run in this process.
+        pub fn task_timeout(mut self, limit: std::time::Duration) -> Self {
+            self.options.task_timeout = Some(limit);
+            self
+        }
+
+        /// Limits each worker's address space to `bytes` (`RLIMIT_AS`; a
+        /// model's mapping counts too). A task whose allocation fails under
+        /// it fails with
+        /// [`TaskError::is_out_of_memory`](crate::TaskError::is_out_of_memory).
+        /// Worker processes only.
+        pub fn memory_limit(mut self, bytes: u64) -> Self {
+            self.options.memory_limit = Some(bytes);
+            self
+        }
+
+        /// How many worker deaths a task may cause before it is reported as
+        /// failed rather than run again (default 2: a task that crashes once
+        /// is retried once, alone).
+        pub fn max_tries(mut self, tries: u32) -> Self {
+            self.options.max_tries = tries;
+            self
+        }
+
+        /// Ends each map at its first error: that error is the last item, the
+        /// remaining input is not read, and running tasks are stopped (their
+        /// workers are killed and replaced). Default: one result per argument.
+        pub fn fail_fast(mut self, on: bool) -> Self {
+            self.options.fail_fast = on;
+            self
+        }
+    };
+}
+pub(crate) use map_options;
+
+/// Runs one task in this process (see [`run_here`]). Its arguments: the
+/// argument, the task's index and the root seed.
+pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;
+
+/// Runs task `index` on `arg` here, through the same encode → run → decode
+/// path a worker uses, so results and errors are those of a pool: `runner`
+/// over `user_fn`, with the model `archive`.
+///
+/// # Safety
+///
+/// As for calling `runner`: it must be monomorphised for the types of the
+/// function at `user_fn`, `A` and `R`, and `archive` must be what it expects
+/// (a validated, immutable archive for a model's function, any bytes for a
+/// model-less one).
+pub(crate) unsafe fn run_here<A, R>(
+    (runner, user_fn): (BatchRunner, usize),
+    archive: &[u8],
+    arg: A,
+    (index, root_seed): (u64, u64),
+) -> Result<R, TaskError>
+where
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    // A pool could not send what this refuses either, so errors do not
+    // depend on n_jobs.
+    let mut items = Vec::new();
+    if let Err(failure) = crate::engine::encode_argument(arg, &mut items, &mut true) {
+        return Err(TaskError::from_failure(index, failure));
+    }
+    let mut out = Vec::new();
+    let batch = BatchView {
+        first_index: index,
+        root_seed,
+        count: 1,
+        items: &items,
+    };
+    // SAFETY: the caller's promise about `runner`, `user_fn` and `archive`.
+    unsafe { runner(user_fn, archive, batch, &mut out) };
+    let mut outcomes = &out[..];
+    match split_item(&mut outcomes) {
+        Some(item) => capturing(|| crate::engine::decode_outcome(index, item)),
+        None => Err(TaskError::bad_result(index, "malformed results")),
+    }
+}
+
+enum Backend {
+    InProcess,
+    Workers(Workers),
+}
+
+/// The processes that run a builder's tasks, or this process for
+/// `n_jobs = 1`, and what every map on them shares.
+pub(crate) struct Executor<A, R> {
+    backend: Backend,
+    in_process: InProcess<A, R>,
+    sizer: BatchSizer,
+    root_seed: u64,
+    n_jobs: usize,
+    fail_fast: bool,
+}
+
+impl<A, R> Executor<A, R>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+{
+    /// Checks `options` and starts the workers that run `runner` (a batch
+    /// runner monomorphised for the task's types) over `user_fn`, with
+    /// `model` mapped; `in_process` runs a task here when `n_jobs = 1`.
+    pub fn start(
+        options: MapOptions,
+        (runner, user_fn): (BatchRunner, usize),
+        model: Option<std::os::fd::OwnedFd>,
+        in_process: InProcess<A, R>,
+    ) -> Result<Self, PoolError> {
+        let n_jobs = match options.n_jobs {
+            Some(0) => return Err(PoolError::refused("n_jobs must be at least 1")),
+            Some(n) => n,
+            None => crate::config::proc_count(2, Some(4), 0)?,
+        };
+        match options.chunk_size {
+            Some(0) => return Err(PoolError::refused("chunk_size must be at least 1")),
+            Some(n) if n > MAX_BATCH_TASKS => {
+                return Err(PoolError::refused(format!(
+                    "chunk_size must be at most {MAX_BATCH_TASKS}, got {n}"
+                )));
+            }
+            _ => {}
+        }
+        if options.max_tries == 0 {
+            return Err(PoolError::refused("max_tries must be at least 1"));
+        }
+        if options.task_timeout == Some(Duration::ZERO) {
+            return Err(PoolError::refused("task_timeout must be longer than zero"));
+        }
+        let root_seed = match options.seed {
+            Some(s) => s,
+            None => seed::root_seed_from_env()?,
+        };
+        let backend = if n_jobs == 1 {
+            Backend::InProcess
+        } else {
+            let policy = Policy {
+                task_timeout: options.task_timeout,
+                memory_limit: options.memory_limit,
+                max_tries: options.max_tries,
+                replace_dead: true,
+            };
+            Backend::Workers(Workers::start(PoolSpec::new(
+                options.start_method,
+                n_jobs,
+                model,
+                (runner, user_fn),
+                policy,
+            ))?)
+        };
+        Ok(Executor {
+            backend,
+            in_process,
+            sizer: BatchSizer::new(options.chunk_size),
+            root_seed,
+            n_jobs,
+            fail_fast: options.fail_fast,
+        })
+    }
+
+    /// A map over `input`, in input order or as results complete.
+    pub fn map<I: Iterator<Item = A>>(&mut self, input: I, ordered: bool) -> MapInner<'_, A, R, I> {
+        match &mut self.backend {
+            Backend::InProcess => MapInner::InProcess {
+                run: &self.in_process,
+                input,
+                next_index: 0,
+                root_seed: self.root_seed,
+                fail_fast: self.fail_fast,
+                stopped: false,
+            },
+            Backend::Workers(workers) => MapInner::Workers(Run::new(
+                workers,
+                &mut self.sizer,
+                input,
+                (self.root_seed, 0),
+                ordered,
+                self.fail_fast,
+            )),
+        }
+    }
+}
+
+impl<A, R> Executor<A, R> {
+    pub fn n_jobs(&self) -> usize {
+        self.n_jobs
+    }
+
+    pub fn worker_pids(&self) -> Vec<u32> {
+        match &self.backend {
+            Backend::InProcess => Vec::new(),
+            Backend::Workers(workers) => workers.pids(),
+        }
+    }
+
+    pub fn root_seed(&self) -> u64 {
+        self.root_seed
+    }
+
+    /// Stops the workers, forwarding the logs they still send.
+    pub fn stop(&mut self) {
+        if let Backend::Workers(workers) = &mut self.backend {
+            workers.shutdown();
+        }
+    }
+}
+
+impl<A, R> Drop for Executor<A, R> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl<A, R> std::fmt::Debug for Executor<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("n_jobs", &self.n_jobs)
+            .field("root_seed", &self.root_seed)
+            .field("worker_pids", &self.worker_pids())
+            .finish()
+    }
+}
+
+// One per `map`, held where the caller holds the map: boxing the large
+// variant would cost an allocation per map, a lone task's included.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum MapInner<'a, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    InProcess {
+        run: &'a InProcess<A, R>,
+        input: I,
+        next_index: u64,
+        root_seed: u64,
+        fail_fast: bool,
+        stopped: bool,
+    },
+    Workers(Run<'a, I, A, R>),
+}
+
+impl<A, R, I> MapInner<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
+        match self {
+            MapInner::Workers(run) => run.next_result(),
+            MapInner::InProcess {
+                run,
+                input,
+                next_index,
+                root_seed,
+                fail_fast,
+                stopped,
+            } => {
+                if *stopped {
+                    return None;
+                }
+                let arg = input.next()?;
+                let index = *next_index;
+                *next_index += 1;
+                let result = run(arg, index, *root_seed);
+                *stopped = *fail_fast && result.is_err();
+                Some((index, result))
+            }
+        }
+    }
+}
+
+/// The iterator of a `map` ([`Invoker::map`](crate::Invoker::map),
+/// [`Pool::map`](crate::Pool::map)): one `Result` per argument, in input
+/// order. The input is read lazily, a bounded number of tasks ahead of what
+/// has been taken. Dropping it before the end stops the tasks still
+/// running (their workers are killed and replaced) and leaves the rest of
+/// the input unread.
+pub struct Map<'a, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    pub(crate) inner: MapInner<'a, A, R, I>,
+}
+
+impl<A, R, I> Iterator for Map<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    type Item = Result<R, TaskError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.next_result().map(|(_, r)| r)
+    }
+}
+
+impl<A, R, I> std::fmt::Debug for Map<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map").finish_non_exhaustive()
+    }
+}
+
+/// The iterator of a `map_unordered`: `(input index, result)` pairs in
+/// completion order. Dropping it early stops the work as
+/// [`Map`] does.
+pub struct MapUnordered<'a, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    pub(crate) inner: MapInner<'a, A, R, I>,
+}
+
+impl<A, R, I> Iterator for MapUnordered<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    type Item = (usize, Result<R, TaskError>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Indices count arguments taken from an iterator: they fit a usize.
+        self.inner.next_result().map(|(i, r)| (i as usize, r))
+    }
+}
+
+impl<A, R, I> std::fmt::Debug for MapUnordered<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapUnordered").finish_non_exhaustive()
+    }
+}

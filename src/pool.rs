@@ -1,0 +1,212 @@
+//! A pool of worker processes for a plain function, with no model: the
+//! invoker's engine and guarantees for any Rust program that needs
+//! process-level parallelism.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use procpool_worker::task::{self, BatchRunner};
+
+use crate::error::PoolError;
+use crate::map::{Executor, Map, MapOptions, MapUnordered, map_options};
+
+/// Creates a pool that applies `func` to each argument in `n_jobs` worker
+/// processes (`n_jobs = 1`: in this process).
+///
+/// Use [`PoolBuilder`] for the start method, batch size, seed, timeouts or
+/// a memory limit.
+///
+/// ```
+/// fn collatz_steps(mut n: u64) -> u32 {
+///     let mut steps = 0;
+///     while n != 1 {
+///         n = if n % 2 == 0 { n / 2 } else { 3 * n + 1 };
+///         steps += 1;
+///     }
+///     steps
+/// }
+///
+/// let mut pool = procpool::pool(collatz_steps, 2)?;
+/// let steps: Vec<u32> = pool.map(1..=10u64).collect::<Result<_, _>>()?;
+/// assert_eq!(steps, [0, 1, 7, 2, 5, 8, 16, 3, 19, 6]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// Fails if `n_jobs` is 0 or the workers cannot be started.
+pub fn pool<A, R>(func: fn(A) -> R, n_jobs: usize) -> Result<Pool<A, R>, PoolError>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+{
+    PoolBuilder::new(func).n_jobs(n_jobs).build()
+}
+
+/// Configures a [`Pool`].
+///
+/// ```
+/// use std::time::Duration;
+///
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// let mut pool = procpool::PoolBuilder::new(square)
+///     .n_jobs(2)
+///     .chunk_size(64)
+///     .task_timeout(Duration::from_secs(10))
+///     .build()?;
+/// let total: u64 = pool.map(0..1000u64).map(Result::unwrap).sum();
+/// assert_eq!(total, 332_833_500);
+/// # Ok::<(), procpool::PoolError>(())
+/// ```
+pub struct PoolBuilder<A, R> {
+    func: fn(A) -> R,
+    options: MapOptions,
+}
+
+impl<A, R> std::fmt::Debug for PoolBuilder<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A, R> PoolBuilder<A, R>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+{
+    /// Starts a configuration for `func`.
+    pub fn new(func: fn(A) -> R) -> Self {
+        PoolBuilder {
+            func,
+            options: MapOptions::default(),
+        }
+    }
+
+    map_options!();
+
+    /// Starts the workers.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `n_jobs` or `chunk_size` is 0, `chunk_size` is over
+    /// 16,777,216 (2^24) tasks, `PROCPOOL_SEED` or `PROCPOOL_NUM_PROCS` is
+    /// malformed, or the workers cannot be started.
+    pub fn build(self) -> Result<Pool<A, R>, PoolError> {
+        let runner = task::run_isolated::<A, R> as BatchRunner;
+        let func = self.func;
+        let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
+            // SAFETY: `run_isolated` is instantiated with the types of
+            // `func`, which takes no model.
+            unsafe { crate::map::run_here((runner, func as usize), &[], arg, (index, root_seed)) }
+        });
+        let executor = Executor::start(self.options, (runner, func as usize), None, in_process)?;
+        Ok(Pool { executor })
+    }
+}
+
+/// Applies a function to streams of arguments in worker processes. Made by
+/// [`pool`] or [`PoolBuilder`]; reusable for any number of maps; stops its
+/// workers on [`shutdown`](Pool::shutdown) or drop.
+///
+/// Everything an [`Invoker`](crate::Invoker) guarantees holds here: results
+/// in input order (or as they complete), a lazily read input, a panic or a
+/// crash failing only its task, per-task seeds ([`seed`](crate::seed)),
+/// forwarded logs, timeouts and memory limits, and the same results and
+/// errors for `n_jobs = 1`, which runs in this process.
+pub struct Pool<A, R> {
+    executor: Executor<A, R>,
+}
+
+impl<A, R> std::fmt::Debug for Pool<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("n_jobs", &self.executor.n_jobs())
+            .field("root_seed", &self.executor.root_seed())
+            .finish()
+    }
+}
+
+impl<A, R> Pool<A, R>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+{
+    /// Applies the function to every argument; yields one result per
+    /// argument, in input order. The input is read lazily, a bounded number
+    /// of tasks ahead of what has been taken, so it may be endless.
+    ///
+    /// ```
+    /// fn parse(s: String) -> i64 {
+    ///     s.parse().expect("a number")
+    /// }
+    ///
+    /// let mut pool = procpool::pool(parse, 2)?;
+    /// let input = ["1", "x", "3"].map(String::from);
+    /// let results: Vec<_> = pool.map(input).collect();
+    /// assert_eq!(results[0].as_ref().ok(), Some(&1));
+    /// assert!(results[1].as_ref().is_err_and(|e| e.is_panic()));
+    /// assert_eq!(results[2].as_ref().ok(), Some(&3));
+    /// # Ok::<(), procpool::PoolError>(())
+    /// ```
+    pub fn map<I>(&mut self, args: I) -> Map<'_, A, R, I::IntoIter>
+    where
+        I: IntoIterator<Item = A>,
+    {
+        Map {
+            inner: self.executor.map(args.into_iter(), true),
+        }
+    }
+
+    /// Like [`map`](Self::map), but yields results as they complete, each
+    /// with the index of its argument.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    ///
+    /// let mut pool = procpool::pool(double, 2)?;
+    /// let mut results: Vec<(usize, u32)> =
+    ///     pool.map_unordered(0..5u32).map(|(i, r)| (i, r.unwrap())).collect();
+    /// results.sort();
+    /// assert_eq!(results, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8)]);
+    /// # Ok::<(), procpool::PoolError>(())
+    /// ```
+    pub fn map_unordered<I>(&mut self, args: I) -> MapUnordered<'_, A, R, I::IntoIter>
+    where
+        I: IntoIterator<Item = A>,
+    {
+        MapUnordered {
+            inner: self.executor.map(args.into_iter(), false),
+        }
+    }
+}
+
+impl<A, R> Pool<A, R> {
+    /// The number of worker processes (1: runs in this process).
+    pub fn n_jobs(&self) -> usize {
+        self.executor.n_jobs()
+    }
+
+    /// The process ids of the workers now running (empty for `n_jobs = 1`).
+    /// A worker that dies is replaced, so the list can change between maps.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.executor.worker_pids()
+    }
+
+    /// The root seed task seeds derive from.
+    pub fn root_seed(&self) -> u64 {
+        self.executor.root_seed()
+    }
+
+    /// Stops the workers, forwarding the logs they still send. Dropping the
+    /// pool does the same.
+    pub fn shutdown(mut self) {
+        self.executor.stop();
+    }
+}
