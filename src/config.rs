@@ -6,11 +6,11 @@ use crate::error::ConfigError;
 
 /// The environment variable that sets process counts: `"8"`, or `"8,2"` for
 /// 8 processes at level 0 and 2 in each of them at level 1.
-pub const NUM_PROCS_ENV: &str = procpool_worker::protocol::NUM_PROCS_ENV;
+pub const NUM_PROCS_ENV: &str = procpool_worker::wire::NUM_PROCS_ENV;
 
 /// Thread-count variables of common native libraries (and rayon) that
 /// workers get set to their share of the CPUs, unless already set.
-pub const THREAD_ENV_VARS: [&str; 4] = procpool_worker::protocol::THREAD_ENV_VARS;
+pub const THREAD_ENV_VARS: [&str; 4] = procpool_worker::wire::THREAD_ENV_VARS;
 
 /// How many processes to use at nesting `level` (0 = the outermost pool).
 ///

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::io;
 
-pub use procpool_worker::protocol::ExitInfo;
 use procpool_worker::store_format::FormatError;
+pub use procpool_worker::wire::ExitInfo;
 
 /// Why one task of a `map` produced no value.
 ///
@@ -61,9 +61,9 @@ enum TaskErrorKind {
 impl TaskError {
     pub(crate) fn from_failure(
         index: u64,
-        failure: procpool_worker::protocol::TaskFailure,
+        failure: procpool_worker::wire::TaskFailure,
     ) -> TaskError {
-        use procpool_worker::protocol::TaskFailure as F;
+        use procpool_worker::wire::TaskFailure as F;
         let kind = match failure {
             F::Panicked { message, location } => TaskErrorKind::Panicked { message, location },
             F::BadArgument(m) => TaskErrorKind::BadArgument(m),

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::task::{self, BatchRunner};
+use procpool_worker::worker::task::{self, BatchRunner};
 
 use crate::error::PoolError;
 use crate::map::{Executor, Map, MapOptions, MapUnordered, map_options};

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use procpool_worker::task::{self, BatchRunner};
+use procpool_worker::worker::task::{self, BatchRunner};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::protocol::{MAX_BATCH_TASKS, split_item};
-use procpool_worker::task::{BatchRunner, BatchView, capturing};
+use procpool_worker::wire::{MAX_BATCH_TASKS, split_item};
+use procpool_worker::worker::task::{BatchRunner, BatchView, capturing};
 
 use crate::batching::BatchSizer;
 use crate::engine::{Policy, PoolSpec, Run, Workers};

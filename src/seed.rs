@@ -47,5 +47,5 @@ fn os_random() -> u64 {
 /// assert_eq!(procpool::seed(), None); // not inside a task
 /// ```
 pub fn seed() -> Option<u64> {
-    procpool_worker::task::current_task().map(|t| t.seed)
+    procpool_worker::worker::task::current_task().map(|t| t.seed)
 }

@@ -381,8 +381,9 @@ where
     if archive.as_ptr() as usize % 16 != 0 {
         let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
         aligned.extend_from_slice(archive);
-        return procpool_worker::task::validate_archive::<M::Archived>(&aligned)
+        return procpool_worker::worker::task::validate_archive::<M::Archived>(&aligned)
             .map_err(StoreError::invalid);
     }
-    procpool_worker::task::validate_archive::<M::Archived>(archive).map_err(StoreError::invalid)
+    procpool_worker::worker::task::validate_archive::<M::Archived>(archive)
+        .map_err(StoreError::invalid)
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{children_of, has_exited};
-use procpool_worker::zygote::SPARES;
+use procpool_worker::fork_server::SPARES;
 use std::time::{Duration, Instant};
 
 fn my_pid(_: ()) -> u32 {

@@ -330,7 +330,7 @@ fn a_worker_killed_while_encoding_a_result_blames_that_task_alone() {
 /// running task, as if the worker had died between tasks.
 fn die_between_tasks(_: &ArchivedSmall, x: u64) -> u64 {
     if x == BAD {
-        procpool_worker::status::idle();
+        procpool_worker::worker::status::idle();
         // SAFETY: kill on our own pid only ends this worker.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }

@@ -178,7 +178,7 @@ fn each_call_gets_a_derived_seed() {
     assert_eq!(fixed.run(()).unwrap(), fixed.run(()).unwrap());
     assert_eq!(
         fixed.run(()).unwrap(),
-        Some(procpool_worker::task::task_seed(42, 0))
+        Some(procpool_worker::worker::task::task_seed(42, 0))
     );
 }
 

@@ -2,11 +2,12 @@
 //! keeps them until their outcomes arrive (a batch whose worker dies runs
 //! again from this copy).
 
-use procpool_worker::protocol::{
-    BATCH_HEADER, MAX_ARGUMENT_BYTES, TaskFailure, begin_item, encode_into, end_item, to_worker,
+use procpool_worker::wire::frame;
+use procpool_worker::wire::{
+    BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, TaskFailure, begin_item, encode_into, end_item,
+    to_worker,
 };
-use procpool_worker::sys;
-use procpool_worker::task::{capturing, catch};
+use procpool_worker::worker::task::{capturing, catch};
 use serde::Serialize;
 
 /// Tasks with contiguous indices and their encoded arguments.
@@ -64,18 +65,13 @@ impl Batch {
     /// The fixed part of this batch's BATCH body.
     #[inline]
     pub(super) fn header(&self, root_seed: u64) -> [u8; BATCH_HEADER] {
-        batch_header(self.first_index, root_seed, self.count())
+        BatchHeader {
+            first_index: self.first_index,
+            root_seed,
+            count: self.count(),
+        }
+        .encode()
     }
-}
-
-/// The fixed part of a BATCH body.
-#[inline]
-fn batch_header(first_index: u64, root_seed: u64, count: u32) -> [u8; BATCH_HEADER] {
-    let mut header = [0u8; BATCH_HEADER];
-    header[..8].copy_from_slice(&first_index.to_le_bytes());
-    header[8..16].copy_from_slice(&root_seed.to_le_bytes());
-    header[16..].copy_from_slice(&count.to_le_bytes());
-    header
 }
 
 /// Appends the tag and header of a BATCH frame; returns where it starts.
@@ -86,8 +82,13 @@ pub(super) fn begin_batch_frame(
     root_seed: u64,
     count: u32,
 ) -> usize {
-    let start = sys::begin_frame(out, to_worker::BATCH);
-    out.extend_from_slice(&batch_header(first_index, root_seed, count));
+    let start = frame::begin_frame(out, to_worker::BATCH);
+    let header = BatchHeader {
+        first_index,
+        root_seed,
+        count,
+    };
+    out.extend_from_slice(&header.encode());
     start
 }
 
@@ -136,6 +137,6 @@ pub(super) fn task_frame<A: Serialize>(
         out.truncate(start);
         return Err(failure);
     }
-    sys::end_frame(out, start);
+    frame::end_frame(out, start);
     Ok(())
 }

@@ -16,11 +16,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
-use procpool_worker::protocol::le_u64;
-use procpool_worker::protocol::{LogRecord, RESULTS_HEADER, from_worker};
 use procpool_worker::stamps::{Step, stamp};
-use procpool_worker::status::monotonic_ns;
-use procpool_worker::sys::ReadStatus;
+use procpool_worker::sys::monotonic_ns;
+use procpool_worker::wire::frame::ReadStatus;
+use procpool_worker::wire::{LogRecord, ResultsHeader, from_worker};
 
 use super::batch::Batch;
 use super::blame::{LastWords, Ledger};
@@ -32,7 +31,7 @@ use crate::error::TaskError;
 /// Where the engine delivers what comes back for the batches it was given.
 pub(crate) trait Sink {
     /// The encoded outcomes of tasks `first_index..first_index + count`,
-    /// each a framed item (see `procpool_worker::protocol::split_item`).
+    /// each a framed item (see `procpool_worker::wire::split_item`).
     fn outcomes(&mut self, first_index: u64, count: u32, items: &[u8]);
     /// Task `index` failed without an outcome: its worker died, or it ran
     /// past its time limit.
@@ -404,17 +403,19 @@ impl<'p> Engine<'p> {
 /// releases that batch (and its arena span), and hands its outcomes on.
 fn take_results(
     in_flight: &mut VecDeque<Batch>,
-    arena: &mut procpool_worker::arena::Ring,
+    arena: &mut procpool_worker::wire::region::Ring,
     sizer: &mut BatchSizer,
     sink: &mut dyn Sink,
     body: &[u8],
 ) -> Result<(), ()> {
-    if body.len() < RESULTS_HEADER {
+    let Some((header, outcomes)) = ResultsHeader::decode(body) else {
         return Err(());
-    }
-    let first_index = le_u64(body, 0);
-    let count = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
-    let elapsed_ns = le_u64(body, 12);
+    };
+    let ResultsHeader {
+        first_index,
+        count,
+        elapsed_ns,
+    } = header;
     let matches_head = in_flight
         .front()
         .is_some_and(|b| b.first_index == first_index && b.count() == count);
@@ -425,7 +426,7 @@ fn take_results(
         arena.release_oldest();
     }
     sizer.observe(count, elapsed_ns);
-    sink.outcomes(first_index, count, &body[RESULTS_HEADER..]);
+    sink.outcomes(first_index, count, outcomes);
     stamp(Step::ResultsDecoded);
     Ok(())
 }

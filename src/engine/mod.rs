@@ -30,8 +30,8 @@ mod workers;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use procpool_worker::protocol::Setup;
-use procpool_worker::task::BatchRunner;
+use procpool_worker::wire::Setup;
+use procpool_worker::worker::task::BatchRunner;
 
 use crate::launch::StartMethod;
 
@@ -83,7 +83,7 @@ impl PoolSpec {
             worker_id: 0,
             batch_runner: procpool_worker::fnref::offset_of(runner as usize),
             user_fn: procpool_worker::fnref::offset_of(user_fn),
-            max_log_level: log::max_level() as usize as u8,
+            max_log_level: procpool_worker::wire::level_filter_to_wire(log::max_level()),
             env: crate::config::worker_env(n_jobs),
             memory_limit: policy.memory_limit,
             timed: policy.task_timeout.is_some(),

@@ -5,9 +5,9 @@
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 
-use procpool_worker::protocol::{MAX_ARGUMENT_BYTES, TaskFailure, split_item};
 use procpool_worker::stamps::{Step, stamp};
-use procpool_worker::task::{capturing, catch};
+use procpool_worker::wire::{MAX_ARGUMENT_BYTES, TaskFailure, split_item};
+use procpool_worker::worker::task::{capturing, catch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

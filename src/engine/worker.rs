@@ -6,11 +6,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
 use std::time::Instant;
 
-use procpool_worker::arena::{self, ARENA_MIN_BYTES, Ring};
-use procpool_worker::protocol::{
-    BATCH_HEADER, BUILD_MISMATCH, LogRecord, Ready, from_worker, to_worker,
+use procpool_worker::sys::LinkEnds;
+use procpool_worker::wire::frame::{self, FrameReader, ReadStatus};
+use procpool_worker::wire::region::{self, ARENA_MIN_BYTES, Ring};
+use procpool_worker::wire::{
+    BATCH_HEADER, BUILD_MISMATCH, LogRecord, Ready, from_worker, level_from_wire, to_worker,
 };
-use procpool_worker::sys::{self, FrameReader, LinkEnds, ReadStatus};
 
 use super::batch::{Batch, begin_batch_frame};
 use super::{EXIT_STATUS_TIMEOUT, HANDSHAKE_TIMEOUT};
@@ -61,13 +62,13 @@ impl Outbox {
     #[inline]
     fn flush(&mut self, fd: RawFd) -> std::io::Result<()> {
         while self.has_output() {
-            let n = sys::write_some(fd, &self.bytes[self.sent..])?;
+            let n = frame::send_some(fd, &self.bytes[self.sent..])?;
             if n == 0 {
                 return Ok(());
             }
             self.sent += n;
         }
-        if self.bytes.capacity() > sys::RETAINED_BUFFER_BYTES {
+        if self.bytes.capacity() > frame::RETAINED_BUFFER_BYTES {
             self.bytes = Vec::new();
         }
         self.bytes.clear();
@@ -101,8 +102,8 @@ impl Worker {
             if page.write_batch(offset, &[&header, &batch.items]) {
                 // The bytes are in place before the frame that names them.
                 fence(Ordering::Release);
-                let body = arena::span_frame_body(offset, len);
-                sys::push_frame(&mut self.out.bytes, to_worker::BATCH_IN_ARENA, &body);
+                let body = region::span_frame_body(offset, len);
+                frame::push_frame(&mut self.out.bytes, to_worker::BATCH_IN_ARENA, &body);
                 batch.in_arena = true;
                 return;
             }
@@ -111,7 +112,7 @@ impl Worker {
         let out = &mut self.out.bytes;
         let start = begin_batch_frame(out, batch.first_index, root_seed, batch.count());
         out.extend_from_slice(&batch.items);
-        sys::end_frame(out, start);
+        frame::end_frame(out, start);
     }
 
     /// Kills the worker and waits for how it ended.
@@ -123,13 +124,7 @@ impl Worker {
 
 /// Re-emits a worker's log record through this process's logger.
 pub(super) fn emit_log(record: &LogRecord, worker_id: u32) {
-    let level = match record.level {
-        1 => log::Level::Error,
-        2 => log::Level::Warn,
-        3 => log::Level::Info,
-        4 => log::Level::Debug,
-        _ => log::Level::Trace,
-    };
+    let level = level_from_wire(record.level);
     if level > log::max_level() {
         return;
     }

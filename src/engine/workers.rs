@@ -3,9 +3,10 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
-use procpool_worker::arena;
-use procpool_worker::protocol::{LogRecord, TaskFailure, from_worker, to_worker};
-use procpool_worker::sys::{self, ReadStatus};
+use procpool_worker::sys;
+use procpool_worker::wire::frame::{self, ReadStatus};
+use procpool_worker::wire::region;
+use procpool_worker::wire::{LogRecord, TaskFailure, from_worker, to_worker};
 use serde::Serialize;
 
 use super::batch::{Batch, task_frame};
@@ -90,7 +91,7 @@ impl Workers {
         setup.worker_id = id;
         let body = postcard::to_allocvec(&setup).map_err(|e| PoolError::protocol(e.to_string()))?;
         let mut frame = Vec::new();
-        sys::push_frame(&mut frame, to_worker::SETUP, &body);
+        frame::push_frame(&mut frame, to_worker::SETUP, &body);
         Ok(frame)
     }
 
@@ -105,7 +106,7 @@ impl Workers {
             launch::Purpose::Isolated
         } else {
             launch::Purpose::Pool {
-                arena_half: arena::half_bytes(self.spec.setup.memory_limit),
+                arena_half: region::half_bytes(self.spec.setup.memory_limit),
             }
         };
         let launched = launch::launch(self.spec.method, purpose, &label, frames, model)?;
@@ -153,7 +154,7 @@ impl Workers {
     /// send, waits for them, and kills any that does not exit in time.
     pub fn shutdown(&mut self) {
         let mut frame = Vec::new();
-        sys::push_frame(&mut frame, to_worker::SHUTDOWN, &[]);
+        frame::push_frame(&mut frame, to_worker::SHUTDOWN, &[]);
         for worker in &mut self.workers {
             let _ = sys::set_nonblocking(worker.link.write.as_raw_fd(), false);
             let _ = sys::write_all(worker.link.write.as_raw_fd(), &frame);

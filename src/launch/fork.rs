@@ -83,7 +83,7 @@ pub(super) fn fork(
     if pid == 0 {
         // Stderr is inherited as is: a reader thread would make this process
         // multi-threaded and refuse the next fork.
-        procpool_worker::zygote::become_worker(parent, fds, None);
+        procpool_worker::fork_server::become_worker(parent, fds, None);
     }
     drop(fds);
     Ok((pid as u32, Reaper::Forked))

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use procpool_worker::protocol::{
-    ROLE_ENV, ZYGOTE_DATAGRAM, ZygoteEvent, ZygoteRequest, handoff_flags,
-};
 use procpool_worker::sys::{self, LinkEnds};
+use procpool_worker::wire::{
+    FORK_SERVER_DATAGRAM, ForkServerEvent, ForkServerRequest, ROLE_ENV, handoff_flags,
+};
 
 use super::Ended;
 use crate::error::PoolError;
@@ -87,7 +87,7 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
     let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
         .map_err(|e| PoolError::io("create the fork server's socket", e))?;
     let their_fd = theirs.as_raw_fd();
-    let role = format!("zygote:{their_fd}:{}", std::process::id());
+    let role = format!("fork-server:{their_fd}:{}", std::process::id());
     let mut command = Command::new("/proc/self/exe");
     command.stdin(Stdio::null());
     if bind_now {
@@ -123,17 +123,17 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
     drop(theirs);
     let ready = sys::wait_readable(ours.as_raw_fd(), START_TIMEOUT.as_millis() as i32)
         .map_err(|e| PoolError::io("wait for the fork server", e))?;
-    let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+    let mut buf = vec![0u8; FORK_SERVER_DATAGRAM];
     let event = if ready {
         match sys::recv_with_fds(ours.as_raw_fd(), &mut buf) {
-            Ok((len, _)) if len > 0 => postcard::from_bytes::<ZygoteEvent>(&buf[..len]).ok(),
+            Ok((len, _)) if len > 0 => postcard::from_bytes::<ForkServerEvent>(&buf[..len]).ok(),
             _ => None,
         }
     } else {
         None
     };
     let fingerprint = match event {
-        Some(ZygoteEvent::Ready { fingerprint, .. }) => fingerprint,
+        Some(ForkServerEvent::Ready { fingerprint, .. }) => fingerprint,
         _ => {
             let _ = child.kill();
             let status = child.wait().ok();
@@ -169,27 +169,27 @@ fn start_with(bind_now: bool) -> Result<Arc<ForkServer>, PoolError> {
 impl ForkServer {
     /// Reads events until the server goes away, then reaps it.
     fn read_events(&self, mut child: std::process::Child) {
-        let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+        let mut buf = vec![0u8; FORK_SERVER_DATAGRAM];
         loop {
             let (event, fds) = match sys::recv_with_fds(self.ctrl.as_raw_fd(), &mut buf) {
                 Ok((0, _)) | Err(_) => break,
-                Ok((len, fds)) => match postcard::from_bytes::<ZygoteEvent>(&buf[..len]) {
+                Ok((len, fds)) => match postcard::from_bytes::<ForkServerEvent>(&buf[..len]) {
                     Ok(event) => (event, fds),
                     Err(_) => continue,
                 },
             };
             match event {
-                ZygoteEvent::Spare { pid } => {
+                ForkServerEvent::Spare { pid } => {
                     if let Some(sock) = fds.into_iter().next() {
                         lock(&self.spares).push_back(Spare { pid, sock });
                     }
                 }
                 // A failed fork also closes the worker's link, which its
                 // caller sees; this says why.
-                ZygoteEvent::SpawnFailed { request_id, error } => {
+                ForkServerEvent::SpawnFailed { request_id, error } => {
                     log::error!(target: "procpool", "the fork server could not fork worker request {request_id}: {error}");
                 }
-                ZygoteEvent::Exited {
+                ForkServerEvent::Exited {
                     pid,
                     status,
                     stderr_tail,
@@ -214,7 +214,7 @@ impl ForkServer {
                     );
                     self.exit_signal.notify_all();
                 }
-                ZygoteEvent::Ready { .. } => {}
+                ForkServerEvent::Ready { .. } => {}
             }
         }
         self.alive.store(false, Ordering::Release);
@@ -222,7 +222,7 @@ impl ForkServer {
         let _ = child.wait();
     }
 
-    fn send(&self, request: &ZygoteRequest, fds: &[i32]) -> std::io::Result<()> {
+    fn send(&self, request: &ForkServerRequest, fds: &[i32]) -> std::io::Result<()> {
         let bytes = postcard::to_allocvec(request).map_err(std::io::Error::other)?;
         let _guard = lock(&self.send_lock);
         sys::send_with_fds(self.ctrl.as_raw_fd(), &bytes, fds)
@@ -251,7 +251,7 @@ impl ForkServer {
         if let Some(spare) = taken {
             // The server must know the worker before it can write or die.
             self.send(
-                &ZygoteRequest::Took {
+                &ForkServerRequest::Took {
                     pid: spare.pid,
                     label: label.to_string(),
                 },
@@ -266,7 +266,7 @@ impl ForkServer {
             self.forget(spare.pid);
         }
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let request = ZygoteRequest::Spawn {
+        let request = ForkServerRequest::Spawn {
             request_id,
             label: label.to_string(),
             has_status: status.is_some(),
@@ -287,7 +287,7 @@ impl ForkServer {
 
     /// Signals a worker the server has not reaped yet.
     pub fn kill(&self, pid: u32, signal: i32) {
-        let _ = self.send(&ZygoteRequest::Kill { pid, signal }, &[]);
+        let _ = self.send(&ForkServerRequest::Kill { pid, signal }, &[]);
     }
 
     /// Waits up to `timeout` for the server to report how `pid` ended.

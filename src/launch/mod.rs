@@ -10,8 +10,8 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use procpool_worker::protocol::{ExitInfo, STDERR_TAIL};
 use procpool_worker::sys::{self, LinkEnds};
+use procpool_worker::wire::{ExitInfo, STDERR_TAIL};
 
 use crate::error::PoolError;
 
@@ -97,7 +97,7 @@ pub(crate) struct Ended {
 
 /// The parent's view of a worker's status page (see
 /// `procpool_worker::status`) and of the bulk arena after it (see
-/// `procpool_worker::arena`).
+/// `procpool_worker::wire::region`).
 pub(crate) struct StatusPage {
     map: memmap2::MmapMut,
     fd: std::os::fd::OwnedFd,
@@ -108,7 +108,7 @@ impl StatusPage {
     /// A zeroed region with an arena of two halves of `arena_half` bytes;
     /// its pages cost memory only once written.
     fn new(arena_half: usize) -> std::io::Result<StatusPage> {
-        let len = procpool_worker::arena::region_bytes(arena_half);
+        let len = procpool_worker::wire::region::region_bytes(arena_half);
         // SAFETY: the name is a NUL-terminated literal; the flags are constants.
         let raw = unsafe { libc::memfd_create(c"procpool-status".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
@@ -121,7 +121,7 @@ impl StatusPage {
         file.set_len(len as u64)?;
         // SAFETY: a private memfd of ours, shared only with the one worker,
         // which writes the status words through atomics only, and the
-        // arena only in spans we do not touch (see `procpool_worker::arena`).
+        // arena only in spans we do not touch (see `procpool_worker::wire::region`).
         let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }?;
         Ok(StatusPage {
             map,
@@ -131,10 +131,10 @@ impl StatusPage {
     }
 
     /// The shared words.
-    pub fn words(&self) -> &procpool_worker::status::StatusWords {
+    pub fn words(&self) -> &procpool_worker::wire::region::StatusWords {
         // SAFETY: the mapping is page-aligned, at least a page long, and
         // outlives the borrow; both processes use it through atomics only.
-        unsafe { &*(self.map.as_ptr() as *const procpool_worker::status::StatusWords) }
+        unsafe { &*(self.map.as_ptr() as *const procpool_worker::wire::region::StatusWords) }
     }
 
     /// Bytes in each half of the arena (0: no arena).
@@ -152,7 +152,7 @@ impl StatusPage {
         if offset.saturating_add(total) > self.arena_half {
             return false;
         }
-        let mut at = procpool_worker::arena::to_worker_offset() + offset;
+        let mut at = procpool_worker::wire::region::to_worker_offset() + offset;
         for part in parts {
             // SAFETY: checked above to lie inside the parent's half, which
             // the worker only reads, and only in spans whose frame it got.
@@ -172,8 +172,8 @@ impl StatusPage {
     /// is inside the worker's half.
     pub fn results_span(&self, frame_body: &[u8]) -> Option<&[u8]> {
         let (offset, len) =
-            procpool_worker::arena::parse_span_frame_body(frame_body, self.arena_half)?;
-        let at = procpool_worker::arena::from_worker_offset(self.arena_half) + offset;
+            procpool_worker::wire::region::parse_span_frame_body(frame_body, self.arena_half)?;
+        let at = procpool_worker::wire::region::from_worker_offset(self.arena_half) + offset;
         // SAFETY: the span lies inside the worker's half of our mapping. The
         // worker wrote it before it sent the frame we read, and does not
         // write it again until we count it in `results_released`, after the

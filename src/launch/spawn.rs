@@ -5,8 +5,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use procpool_worker::protocol::ROLE_ENV;
 use procpool_worker::sys::{self, LinkEnds};
+use procpool_worker::wire::ROLE_ENV;
 
 use super::{Reaper, StderrTail};
 use crate::error::PoolError;

@@ -4,14 +4,21 @@
 //!
 //! Most users never name this crate; `procpool` re-exports what they need.
 //!
-//! - [`zygote`]: the single-threaded fork server that forks workers.
-//! - [`task_loop`]: a worker's main loop.
-//! - [`task`]: running a batch through the user's function under `catch_unwind`.
-//! - [`log_forward`]: forwarding `log` records to the parent.
-//! - [`protocol`], [`store_format`], [`fnref`], [`status`]: what both sides
-//!   must agree on.
-//! - [`stamps`]: timestamps of a trip's steps in both processes (the
-//!   `stamps` feature), for finding where its time goes.
+//! The tree says which code runs where:
+//!
+//! - this file: the entry point, which makes a re-executed process a fork
+//!   server or a worker before `main` runs;
+//! - [`worker`]: what runs in a worker process (its main loop, running a
+//!   batch under `catch_unwind`, forwarding logs, its status page);
+//! - [`fork_server`]: what runs in the single-threaded fork server that
+//!   forks workers;
+//! - [`wire`]: what both sides must agree on to talk (frames, messages,
+//!   batch and results headers, the shared status and arena region), with
+//!   `PROTOCOL.md` beside it;
+//! - [`fnref`] (function identity and the build fingerprint),
+//!   [`store_format`] (the model store's header), [`stamps`] (timestamps of
+//!   a trip's steps in both processes, behind the `stamps` feature) and
+//!   [`sys`] (system calls): definitions both sides use.
 //!
 //! A process becomes a fork server or a worker before `main` runs: a
 //! constructor in this crate looks for the role the parent set in the
@@ -27,22 +34,24 @@ compile_error!(
     "procpool runs on Linux only: it relies on sealed memfds, signalfd, PR_SET_PDEATHSIG and /proc/self/exe"
 );
 
-pub mod arena;
+#[doc(hidden)]
 pub mod fnref;
-pub mod link;
-pub mod log_forward;
-pub mod protocol;
+#[doc(hidden)]
+pub mod fork_server;
+#[doc(hidden)]
 pub mod stamps;
-pub mod status;
+#[doc(hidden)]
 pub mod store_format;
+#[doc(hidden)]
 pub mod sys;
-pub mod task;
-pub mod task_loop;
-pub mod zygote;
+#[doc(hidden)]
+pub mod wire;
+#[doc(hidden)]
+pub mod worker;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use protocol::ROLE_ENV;
+use wire::ROLE_ENV;
 
 /// Returns true when this process was started as a worker or fork server
 /// whose entry point did not run (the role is still in the environment).
@@ -99,7 +108,7 @@ fn procpool_entry() {
     let role = role.to_string_lossy().into_owned();
     let parts: Vec<&str> = role.split(':').collect();
     match parts.as_slice() {
-        ["zygote", fd, parent, rest @ ..] => {
+        ["fork-server", fd, parent, rest @ ..] => {
             if rest == [BIND_NOW_ROLE] {
                 // The parent asked the dynamic loader to bind every symbol at
                 // start, so that workers forked from here inherit a bound
@@ -112,7 +121,7 @@ fn procpool_entry() {
             if let (Some(fd), Some(parent)) = (parse_fd(fd), parse_pid(parent)) {
                 let parent_exit = sys::watch_parent(parent);
                 // SAFETY: the parent placed the link at this descriptor for us alone.
-                zygote::run(unsafe { OwnedFd::from_raw_fd(fd) }, parent_exit);
+                fork_server::run(unsafe { OwnedFd::from_raw_fd(fd) }, parent_exit);
             }
         }
         ["worker", read, write, status, model, parent] => {
@@ -134,7 +143,7 @@ fn procpool_entry() {
                     }
                 };
                 sys::reset_signals_for_child();
-                task_loop::run(fds);
+                worker::run(fds);
             }
         }
         _ => {}

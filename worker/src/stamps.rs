@@ -172,7 +172,7 @@ mod ring {
 
     #[inline(always)]
     pub fn record(step: Step) {
-        let ns = crate::status::monotonic_ns();
+        let ns = crate::sys::monotonic_ns();
         // SAFETY: sched_getcpu takes no arguments.
         let cpu = unsafe { libc::sched_getcpu() };
         let slot = &SLOTS[NEXT.fetch_add(1, Ordering::Relaxed) % CAPACITY];

@@ -1,19 +1,10 @@
-//! Thin, checked wrappers over the few Linux calls the worker side needs:
-//! framed messages on stream sockets, datagrams with attached file
-//! descriptors on `SOCK_SEQPACKET` sockets, and process hygiene.
+//! Thin, checked wrappers over the Linux calls both sides need: pipes and
+//! sockets, reads and writes, datagrams with attached file descriptors on
+//! `SOCK_SEQPACKET` sockets, the clock, signals and process hygiene. System
+//! calls only: what travels over them is [`crate::wire`]'s.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-
-use crate::stamps::Step;
-
-/// Largest frame either side sends or accepts: a bigger length prefix
-/// means a corrupted stream. Arguments and results that would not fit are
-/// refused with a task error before they are sent.
-pub const MAX_FRAME: usize = 1 << 31;
-/// Largest buffer kept for reuse once empty: one rare huge frame should not
-/// hold its memory for the life of the process.
-pub const RETAINED_BUFFER_BYTES: usize = 64 << 20;
 
 /// Most descriptors one datagram on the fork-server link carries.
 pub const MAX_FDS: usize = 4;
@@ -198,10 +189,8 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 #[inline]
 pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
-        crate::stamps::stamp(Step::Write);
         // SAFETY: `buf` is a valid readable slice for its length.
         let ret = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        crate::stamps::stamp(Step::WriteDone);
         match cvt_size(ret) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -211,142 +200,39 @@ pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Appends a frame (`u32` little-endian length, tag byte, body) to `out`.
+/// Appends to `buf` what one read of `fd` gives, at most `max` bytes; `Ok(0)`
+/// at end of file. Blocks only if `fd` does.
 #[inline]
-pub fn push_frame(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
-    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
-    out.push(tag);
-    out.extend_from_slice(body);
+pub fn read_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.capacity() - buf.len();
+    loop {
+        // SAFETY: we pass the spare capacity of `buf`, which is writable for
+        // `spare` bytes; only the bytes the kernel reports are exposed.
+        let ret = unsafe { libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), spare) };
+        match cvt_size(ret) {
+            Ok(n) => {
+                // SAFETY: the kernel initialised `n <= spare` bytes past the
+                // old length.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// Bytes before a frame's body: the `u32` length, then the tag.
-pub const FRAME_HEADER: usize = 5;
-
-/// Starts a frame whose body the caller appends; finish it with [`end_frame`].
+/// Nanoseconds on the system-wide monotonic clock, comparable across processes.
 #[inline]
-pub fn begin_frame(out: &mut Vec<u8>, tag: u8) -> usize {
-    let start = out.len();
-    out.extend_from_slice(&[0, 0, 0, 0, tag]);
-    start
-}
-
-/// Writes the length prefix of a frame begun at `start`.
-#[inline]
-pub fn end_frame(out: &mut [u8], start: usize) {
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-}
-
-/// Reassembles frames from a byte stream.
-#[derive(Debug, Default)]
-pub struct FrameReader {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-/// What one read from the socket produced.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ReadStatus {
-    /// Some bytes arrived (frames may now be available).
-    Data,
-    /// The descriptor has nothing now (non-blocking descriptors only).
-    Empty,
-    /// The peer closed its end.
-    Closed,
-}
-
-impl FrameReader {
-    /// Reads what `fd` has into the buffer; blocks only if `fd` does.
-    #[inline]
-    pub fn fill(&mut self, fd: RawFd) -> io::Result<ReadStatus> {
-        if self.start > 0 && self.start == self.buf.len() {
-            if self.buf.capacity() > RETAINED_BUFFER_BYTES {
-                self.buf = Vec::new();
-            }
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > (1 << 20) && self.start * 2 > self.buf.len() {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let want = self.needed().max(64 * 1024);
-        self.buf.reserve(want);
-        let spare = self.buf.capacity() - self.buf.len();
-        loop {
-            crate::stamps::stamp(Step::Read);
-            // SAFETY: we pass the spare capacity of `buf`, which is writable
-            // for `spare` bytes; only the bytes the kernel reports are exposed.
-            let ret =
-                unsafe { libc::read(fd, self.buf.as_mut_ptr().add(self.buf.len()).cast(), spare) };
-            crate::stamps::stamp(Step::ReadDone);
-            match cvt_size(ret) {
-                Ok(0) => return Ok(ReadStatus::Closed),
-                Ok(n) => {
-                    // SAFETY: the kernel initialised `n <= spare` bytes past the old length.
-                    unsafe { self.buf.set_len(self.buf.len() + n) };
-                    return Ok(ReadStatus::Data);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStatus::Empty),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Bytes still missing for the frame at the head of the buffer.
-    #[inline]
-    fn needed(&self) -> usize {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
-            return 4 - avail.len();
-        }
-        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len == 0 || len > MAX_FRAME {
-            // Nothing more to wait for: `next_frame` reports the bad length.
-            return 0;
-        }
-        (len + 4).saturating_sub(avail.len())
-    }
-
-    /// Whether the buffer already holds a complete frame.
-    #[inline]
-    pub fn has_frame(&self) -> bool {
-        let avail = self.buf.len() - self.start;
-        avail >= 5 && self.needed() == 0
-    }
-
-    /// The next complete frame as `(tag, body)`, if the buffer holds one.
-    #[inline]
-    pub fn next_frame(&mut self) -> io::Result<Option<(u8, &[u8])>> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 5 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len == 0 || len > MAX_FRAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad frame length {len}"),
-            ));
-        }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let begin = self.start + 4;
-        self.start = begin + len;
-        Ok(Some((self.buf[begin], &self.buf[begin + 1..begin + len])))
-    }
-
-    /// Blocks until a whole frame is there and returns it, borrowed from the
-    /// buffer; `None` when the peer closed first.
-    pub fn read_frame(&mut self, fd: RawFd) -> io::Result<Option<(u8, &[u8])>> {
-        while !self.has_frame() {
-            if self.fill(fd)? == ReadStatus::Closed {
-                return Ok(None);
-            }
-        }
-        self.next_frame()
-    }
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Sends one datagram with descriptors attached (`SCM_RIGHTS`).

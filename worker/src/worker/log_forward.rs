@@ -1,8 +1,8 @@
 //! A `log::Log` that forwards every record to the parent over the worker's
 //! link, in order with the task results, so none is lost at shutdown.
 
-use crate::link;
-use crate::protocol::{LogRecord, from_worker};
+use crate::wire::{LogRecord, from_worker};
+use crate::worker::link;
 
 struct Forwarder;
 
@@ -32,13 +32,13 @@ impl log::Log for Forwarder {
             return;
         }
         let forwarded = LogRecord {
-            level: record.level() as u8,
+            level: crate::wire::level_to_wire(record.level()),
             target: record.target().to_string(),
             module_path: record.module_path().map(str::to_string),
             file: record.file().map(str::to_string),
             line: record.line(),
             message: record.args().to_string(),
-            task_index: crate::task::current_task().map(|t| t.index),
+            task_index: crate::worker::task::current_task().map(|t| t.index),
         };
         if let Ok(body) = postcard::to_allocvec(&forwarded) {
             // A dead parent cannot receive it; the worker is about to end anyway.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, Once, OnceLock};
 
 use crate::sys;
+use crate::wire::frame;
 
 static LINK: OnceLock<Mutex<RawFd>> = OnceLock::new();
 /// Whether the link's pipe was made large (for a frame that would not fit).
@@ -74,7 +75,7 @@ pub fn is_fork_copy() -> bool {
 /// Sends one frame, whole, before any other thread's.
 pub fn send_frame(tag: u8, body: &[u8]) -> io::Result<()> {
     let mut buf = Vec::with_capacity(body.len() + 5);
-    sys::push_frame(&mut buf, tag, body);
+    frame::push_frame(&mut buf, tag, body);
     send_raw(&buf)
 }
 
@@ -103,5 +104,5 @@ pub fn send_raw(bytes: &[u8]) -> io::Result<()> {
     if bytes.len() > sys::DEFAULT_PIPE_BYTES && !GROWN.swap(true, Ordering::Relaxed) {
         sys::grow_pipe(*fd);
     }
-    sys::write_all(*fd, bytes)
+    frame::send_all(*fd, bytes)
 }

@@ -13,11 +13,11 @@ use rkyv::rancor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{
+use crate::stamps::{Step, stamp};
+use crate::wire::{
     MAX_RESULTS_BYTES, RESULT_FAILURE_RESERVE, RESULT_TOO_LARGE, TaskFailure, begin_item,
     encode_into, end_item, split_item,
 };
-use crate::stamps::{Step, stamp};
 
 /// A batch as it arrives: where it starts, its seed root, and its arguments.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,7 @@ pub struct BatchView<'a> {
     /// Number of arguments.
     pub count: u32,
     /// The postcard-encoded arguments, each framed as an item (see
-    /// [`crate::protocol::begin_item`]).
+    /// [`crate::wire::begin_item`]).
     pub items: &'a [u8],
 }
 
@@ -155,7 +155,7 @@ fn run_one<A, R>(
     A: DeserializeOwned,
     R: Serialize,
 {
-    crate::status::task_started(index);
+    crate::worker::status::task_started(index);
     CURRENT.with(|c| {
         c.set(Some(TaskContext {
             index,
@@ -174,7 +174,7 @@ fn run_one<A, R>(
             ))),
         };
         stamp(Step::CallDone);
-        if crate::link::is_fork_copy() {
+        if crate::worker::link::is_fork_copy() {
             // A copy of the worker that the task forked, returning from the
             // task: the worker itself answers for it. The copy has no link
             // and must not run the rest of the batch a second time. Stdout
@@ -197,7 +197,7 @@ fn run_one<A, R>(
 /// panic's own message and, when [`capturing`] panics, its location.
 ///
 /// ```
-/// use procpool_worker::task::{capturing, catch};
+/// use procpool_worker::worker::task::{capturing, catch};
 /// let failure = capturing(|| catch(|| panic!("no {}", 7))).unwrap_err();
 /// assert!(format!("{failure:?}").contains("no 7"));
 /// assert_eq!(capturing(|| catch(|| 7)), Ok(7));
@@ -214,7 +214,7 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, TaskFailure> {
 /// hook that was there before.
 ///
 /// ```
-/// use procpool_worker::task::{capturing, catch};
+/// use procpool_worker::worker::task::{capturing, catch};
 /// let failure = capturing(|| catch(|| panic!("quiet"))).unwrap_err();
 /// assert!(format!("{failure:?}").contains("quiet"));
 /// ```
@@ -388,10 +388,10 @@ pub fn install_panic_hook() {
 /// worker ran the task, so it is the same for any `n_jobs`.
 ///
 /// ```
-/// let a = procpool_worker::task::task_seed(42, 0);
-/// assert_eq!(a, procpool_worker::task::task_seed(42, 0));
-/// assert_ne!(a, procpool_worker::task::task_seed(42, 1));
-/// assert_ne!(a, procpool_worker::task::task_seed(43, 0));
+/// let a = procpool_worker::worker::task::task_seed(42, 0);
+/// assert_eq!(a, procpool_worker::worker::task::task_seed(42, 0));
+/// assert_ne!(a, procpool_worker::worker::task::task_seed(42, 1));
+/// assert_ne!(a, procpool_worker::worker::task::task_seed(43, 0));
 /// ```
 #[inline]
 pub fn task_seed(root_seed: u64, index: u64) -> u64 {

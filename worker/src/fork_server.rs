@@ -23,11 +23,11 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::protocol::{
-    ExitInfo, HANDOFF_FLAGS_LEN, HANDOFF_MODEL, HANDOFF_STATUS, STDERR_TAIL, ZYGOTE_DATAGRAM,
-    ZygoteEvent, ZygoteRequest,
-};
 use crate::sys::{self, WorkerFds};
+use crate::wire::{
+    ExitInfo, FORK_SERVER_DATAGRAM, ForkServerEvent, ForkServerRequest, HANDOFF_FLAGS_LEN,
+    HANDOFF_MODEL, HANDOFF_STATUS, STDERR_TAIL,
+};
 
 struct Child {
     label: String,
@@ -69,7 +69,7 @@ struct Spare {
     stderr: OwnedFd,
 }
 
-fn send_event(ctrl: RawFd, event: &ZygoteEvent) {
+fn send_event(ctrl: RawFd, event: &ForkServerEvent) {
     if let Ok(bytes) = postcard::to_allocvec(event) {
         // If the parent is gone the next poll sees the hang-up and we exit.
         let _ = sys::send_with_fds(ctrl, &bytes, &[]);
@@ -138,7 +138,7 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spares: &mut Vec<Spare>
         let stderr_tail = String::from_utf8_lossy(&child.tail).into_owned();
         send_event(
             ctrl,
-            &ZygoteEvent::Exited {
+            &ForkServerEvent::Exited {
                 pid,
                 status: decode_status(status),
                 stderr_tail,
@@ -152,7 +152,7 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spares: &mut Vec<Spare>
 const FIXED_POLLFDS: usize = 3;
 
 fn fork_worker(
-    zygote_pid: libc::pid_t,
+    server_pid: libc::pid_t,
     fds: WorkerFds,
     label: String,
 ) -> Result<(u32, Child), String> {
@@ -164,7 +164,7 @@ fn fork_worker(
         return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        become_worker(zygote_pid, fds, Some(err_write));
+        become_worker(server_pid, fds, Some(err_write));
     }
     Ok((pid as u32, Child::new(label, err_read)))
 }
@@ -184,9 +184,9 @@ fn take_spare(spares: &mut Vec<Spare>, pid: u32) -> Option<Spare> {
 
 /// Forks spares until there are [`SPARES`] (or a fork fails), offering each
 /// to the parent on `ctrl`.
-fn refill_spares(ctrl: RawFd, zygote_pid: libc::pid_t, spares: &mut Vec<Spare>) {
+fn refill_spares(ctrl: RawFd, server_pid: libc::pid_t, spares: &mut Vec<Spare>) {
     while spares.len() < SPARES {
-        match offer_spare(ctrl, zygote_pid) {
+        match offer_spare(ctrl, server_pid) {
             Some(spare) => spares.push(spare),
             None => return,
         }
@@ -195,9 +195,9 @@ fn refill_spares(ctrl: RawFd, zygote_pid: libc::pid_t, spares: &mut Vec<Spare>) 
 
 /// Forks a spare and offers it to the parent on `ctrl`, with the socket on
 /// which the spare waits for a spawn request's descriptors.
-fn offer_spare(ctrl: RawFd, zygote_pid: libc::pid_t) -> Option<Spare> {
-    let (spare, sock) = fork_spare(zygote_pid).ok()?;
-    if let Ok(bytes) = postcard::to_allocvec(&ZygoteEvent::Spare { pid: spare.pid }) {
+fn offer_spare(ctrl: RawFd, server_pid: libc::pid_t) -> Option<Spare> {
+    let (spare, sock) = fork_spare(server_pid).ok()?;
+    if let Ok(bytes) = postcard::to_allocvec(&ForkServerEvent::Spare { pid: spare.pid }) {
         // If the parent is gone the next poll sees the hang-up and we exit,
         // killing the spare.
         let _ = sys::send_with_fds(ctrl, &bytes, &[sock.as_raw_fd()]);
@@ -207,7 +207,7 @@ fn offer_spare(ctrl: RawFd, zygote_pid: libc::pid_t) -> Option<Spare> {
 
 /// Forks a spare; returns it and the socket on which it waits for a spawn
 /// request's descriptors.
-fn fork_spare(zygote_pid: libc::pid_t) -> Result<(Spare, OwnedFd), String> {
+fn fork_spare(server_pid: libc::pid_t) -> Result<(Spare, OwnedFd), String> {
     let (ours, theirs) = sys::socket_pair(libc::SOCK_SEQPACKET)
         .map_err(|e| format!("cannot create a hand-off socket: {e}"))?;
     let (err_read, err_write) = stderr_pipe()?;
@@ -218,7 +218,7 @@ fn fork_spare(zygote_pid: libc::pid_t) -> Result<(Spare, OwnedFd), String> {
     }
     if pid == 0 {
         drop((ours, err_read));
-        wait_as_spare(zygote_pid, theirs, err_write);
+        wait_as_spare(server_pid, theirs, err_write);
     }
     Ok((
         Spare {
@@ -236,9 +236,9 @@ const FIRST_FREE_FD: RawFd = 7;
 /// In a freshly forked spare: get ready, wait for a spawn request's
 /// descriptors on `sock`, and become that worker. Exits when the parent
 /// closes `sock` instead.
-fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
+fn wait_as_spare(server_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
     sys::reset_signals_for_child();
-    sys::die_with_parent(zygote_pid);
+    sys::die_with_parent(server_pid);
     let sock_fd = sock.as_raw_fd();
     if sys::dup_to(stderr.as_raw_fd(), 2).is_err() {
         // SAFETY: _exit ends the process without running any Rust code.
@@ -259,7 +259,7 @@ fn wait_as_spare(zygote_pid: libc::pid_t, sock: OwnedFd, stderr: OwnedFd) -> ! {
         // SAFETY: as above.
         unsafe { libc::_exit(3) }
     };
-    crate::task_loop::rehearse_start();
+    crate::worker::rehearse_start();
     let mut flags = [0u8; HANDOFF_FLAGS_LEN];
     let (len, fds) = match sys::recv_with_fds(sock.as_raw_fd(), &mut flags) {
         Ok(got) => got,
@@ -326,7 +326,7 @@ fn adopt_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) -> ! {
             model: has_model.then(|| OwnedFd::from_raw_fd(6)),
         }
     };
-    crate::task_loop::run_adopted(fds)
+    crate::worker::run_adopted(fds)
 }
 
 /// Moves `fds` to their fixed numbers, close-on-exec, and `stderr`, if
@@ -363,7 +363,7 @@ fn move_descriptors(fds: WorkerFds, stderr: Option<OwnedFd>) {
 pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
     let ctrl_fd = ctrl.as_raw_fd();
     // SAFETY: getpid has no preconditions.
-    let zygote_pid = unsafe { libc::getpid() };
+    let server_pid = unsafe { libc::getpid() };
     // SAFETY: signal-mask changes on a local set; SIGCHLD is then read from a
     // signalfd instead of being delivered to a handler.
     // Inherited across `exec` from a parent that ignores SIGCHLD, it would
@@ -386,16 +386,16 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
     }
     send_event(
         ctrl_fd,
-        &ZygoteEvent::Ready {
+        &ForkServerEvent::Ready {
             fingerprint: crate::fnref::fingerprint(),
-            pid: zygote_pid as u32,
+            pid: server_pid as u32,
         },
     );
     let mut children: HashMap<u32, Child> = HashMap::new();
     // Without a spare, a request simply forks.
     let mut spares = Vec::with_capacity(SPARES);
-    refill_spares(ctrl_fd, zygote_pid, &mut spares);
-    let mut buf = vec![0u8; ZYGOTE_DATAGRAM];
+    refill_spares(ctrl_fd, server_pid, &mut spares);
+    let mut buf = vec![0u8; FORK_SERVER_DATAGRAM];
     loop {
         let mut pollfds = vec![
             libc::pollfd {
@@ -454,7 +454,7 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
                     Ok(Some((len, fds))) => {
                         asked |= serve(
                             ctrl_fd,
-                            zygote_pid,
+                            server_pid,
                             &buf[..len],
                             fds,
                             &mut children,
@@ -470,7 +470,7 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
                 // isolated call, and would otherwise come before it.
                 // SAFETY: sched_yield has no preconditions.
                 unsafe { libc::sched_yield() };
-                refill_spares(ctrl_fd, zygote_pid, &mut spares);
+                refill_spares(ctrl_fd, server_pid, &mut spares);
             }
         }
         if pollfds[1].revents != 0 {
@@ -486,21 +486,21 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
 /// (or the parent took a spare for one).
 fn serve(
     ctrl_fd: RawFd,
-    zygote_pid: libc::pid_t,
+    server_pid: libc::pid_t,
     request: &[u8],
     fds: Vec<OwnedFd>,
     children: &mut HashMap<u32, Child>,
     spares: &mut Vec<Spare>,
 ) -> bool {
-    match postcard::from_bytes::<ZygoteRequest>(request) {
-        Ok(ZygoteRequest::Spawn {
+    match postcard::from_bytes::<ForkServerRequest>(request) {
+        Ok(ForkServerRequest::Spawn {
             request_id,
             label,
             has_status,
             has_model,
         }) => match WorkerFds::from_received(fds, has_status, has_model)
             .ok_or_else(|| "spawn request carried the wrong descriptors".to_string())
-            .and_then(|fds| fork_worker(zygote_pid, fds, label))
+            .and_then(|fds| fork_worker(server_pid, fds, label))
         {
             // The worker tells its parent its pid itself.
             Ok((pid, child)) => {
@@ -508,11 +508,11 @@ fn serve(
                 true
             }
             Err(error) => {
-                send_event(ctrl_fd, &ZygoteEvent::SpawnFailed { request_id, error });
+                send_event(ctrl_fd, &ForkServerEvent::SpawnFailed { request_id, error });
                 false
             }
         },
-        Ok(ZygoteRequest::Took { pid, label }) => {
+        Ok(ForkServerRequest::Took { pid, label }) => {
             // A spare that already died was reported as one; the parent
             // then finds its socket closed and asks again.
             if let Some(taken) = take_spare(spares, pid) {
@@ -520,7 +520,7 @@ fn serve(
             }
             true
         }
-        Ok(ZygoteRequest::Kill { pid, signal }) => {
+        Ok(ForkServerRequest::Kill { pid, signal }) => {
             if children.contains_key(&pid) {
                 // SAFETY: `pid` is our unreaped child, so it cannot have
                 // been reused by another process.

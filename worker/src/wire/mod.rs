@@ -1,5 +1,10 @@
-//! The wire protocol between the parent and the processes it starts.
-//! See `PROTOCOL.md` beside this file for the message flow.
+//! The wire protocol between the parent and the processes it starts: frame
+//! tags and messages, the batch and results headers, items, [`frame`]s on a
+//! byte stream, and the [`region`] a pool worker shares with its parent.
+//! `PROTOCOL.md` beside this file tells the message flow and why it is so.
+
+pub mod frame;
+pub mod region;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +19,7 @@ pub mod to_worker {
     /// No body: finish and exit.
     pub const SHUTDOWN: u8 = 3;
     /// Body: `u64` offset, `u64` length of a span of the arena's parent
-    /// half that holds a [`BATCH`] body (see [`crate::arena`]).
+    /// half that holds a [`BATCH`] body (see [`crate::wire::region`]).
     pub const BATCH_IN_ARENA: u8 = 4;
 }
 
@@ -32,7 +37,7 @@ pub mod from_worker {
     /// worker waits for batches.
     pub const READY: u8 = 14;
     /// Body: `u64` offset, `u64` length of a span of the arena's worker
-    /// half that holds a [`RESULTS`] body (see [`crate::arena`]).
+    /// half that holds a [`RESULTS`] body (see [`crate::wire::region`]).
     pub const RESULTS_IN_ARENA: u8 = 15;
 }
 
@@ -44,6 +49,135 @@ pub fn le_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The fixed part of a BATCH body; the items follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Index of the first task in its run.
+    pub first_index: u64,
+    /// The root seed every task seed derives from.
+    pub root_seed: u64,
+    /// Number of tasks (items) in the batch.
+    pub count: u32,
+}
+
+impl BatchHeader {
+    /// The header's bytes.
+    #[inline]
+    pub fn encode(&self) -> [u8; BATCH_HEADER] {
+        let mut bytes = [0u8; BATCH_HEADER];
+        bytes[..8].copy_from_slice(&self.first_index.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.root_seed.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.count.to_le_bytes());
+        bytes
+    }
+
+    /// The header at the start of `body`, and the items after it; `None` if
+    /// `body` is too short.
+    ///
+    /// ```
+    /// use procpool_worker::wire::BatchHeader;
+    /// let header = BatchHeader { first_index: 7, root_seed: 42, count: 3 };
+    /// let mut body = header.encode().to_vec();
+    /// body.extend_from_slice(b"items");
+    /// assert_eq!(BatchHeader::decode(&body), Some((header, &b"items"[..])));
+    /// assert_eq!(BatchHeader::decode(&body[..10]), None);
+    /// ```
+    #[inline]
+    pub fn decode(body: &[u8]) -> Option<(BatchHeader, &[u8])> {
+        let (bytes, items) = body.split_first_chunk::<BATCH_HEADER>()?;
+        let header = BatchHeader {
+            first_index: le_u64(bytes, 0),
+            root_seed: le_u64(bytes, 8),
+            count: u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
+        };
+        Some((header, items))
+    }
+}
+
+/// The fixed part of a RESULTS body; the outcomes follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultsHeader {
+    /// Index of the first task of the batch answered.
+    pub first_index: u64,
+    /// Number of outcomes (items), as many as the batch had tasks.
+    pub count: u32,
+    /// Nanoseconds the worker took to run the batch.
+    pub elapsed_ns: u64,
+}
+
+impl ResultsHeader {
+    /// The header's bytes.
+    #[inline]
+    pub fn encode(&self) -> [u8; RESULTS_HEADER] {
+        let mut bytes = [0u8; RESULTS_HEADER];
+        bytes[..8].copy_from_slice(&self.first_index.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.count.to_le_bytes());
+        bytes[12..].copy_from_slice(&self.elapsed_ns.to_le_bytes());
+        bytes
+    }
+
+    /// The header at the start of `body`, and the outcomes after it; `None`
+    /// if `body` is too short.
+    ///
+    /// ```
+    /// use procpool_worker::wire::ResultsHeader;
+    /// let header = ResultsHeader { first_index: 7, count: 3, elapsed_ns: 1_000 };
+    /// let body = header.encode();
+    /// assert_eq!(ResultsHeader::decode(&body), Some((header, &[][..])));
+    /// ```
+    #[inline]
+    pub fn decode(body: &[u8]) -> Option<(ResultsHeader, &[u8])> {
+        let (bytes, outcomes) = body.split_first_chunk::<RESULTS_HEADER>()?;
+        let header = ResultsHeader {
+            first_index: le_u64(bytes, 0),
+            count: u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+            elapsed_ns: le_u64(bytes, 12),
+        };
+        Some((header, outcomes))
+    }
+}
+
+/// `log::Level` as it travels in a [`LogRecord`].
+#[inline]
+pub fn level_to_wire(level: log::Level) -> u8 {
+    level as usize as u8
+}
+
+/// The `log::Level` of a [`LogRecord`]'s `level` (an unknown value is the
+/// most verbose).
+#[inline]
+pub fn level_from_wire(level: u8) -> log::Level {
+    match level {
+        1 => log::Level::Error,
+        2 => log::Level::Warn,
+        3 => log::Level::Info,
+        4 => log::Level::Debug,
+        _ => log::Level::Trace,
+    }
+}
+
+/// `log::LevelFilter` as it travels in [`Setup::max_log_level`].
+#[inline]
+pub fn level_filter_to_wire(filter: log::LevelFilter) -> u8 {
+    filter as usize as u8
+}
+
+/// The `log::LevelFilter` of a [`Setup::max_log_level`] (0: off).
+///
+/// ```
+/// use procpool_worker::wire::{level_filter_from_wire, level_filter_to_wire};
+/// for filter in log::LevelFilter::iter() {
+///     assert_eq!(level_filter_from_wire(level_filter_to_wire(filter)), filter);
+/// }
+/// ```
+#[inline]
+pub fn level_filter_from_wire(filter: u8) -> log::LevelFilter {
+    match filter {
+        0 => log::LevelFilter::Off,
+        n => level_from_wire(n).to_level_filter(),
+    }
+}
+
 /// Byte length of the fixed part of a batch body.
 pub const BATCH_HEADER: usize = 8 + 8 + 4;
 /// Byte length of the fixed part of a results body.
@@ -51,9 +185,9 @@ pub const RESULTS_HEADER: usize = 8 + 4 + 8;
 
 /// Most bytes one framed argument (its length prefix included) may take: a
 /// batch of that task alone must fit in a frame.
-pub const MAX_ARGUMENT_BYTES: usize = crate::sys::MAX_FRAME - 1 - BATCH_HEADER;
+pub const MAX_ARGUMENT_BYTES: usize = frame::MAX_FRAME - 1 - BATCH_HEADER;
 /// Most bytes the encoded outcomes of one batch may take together.
-pub const MAX_RESULTS_BYTES: usize = crate::sys::MAX_FRAME - 1 - RESULTS_HEADER;
+pub const MAX_RESULTS_BYTES: usize = frame::MAX_FRAME - 1 - RESULTS_HEADER;
 
 /// Most tasks in one batch. Room for a short failure per task is kept in
 /// every batch's results (see [`MAX_RESULTS_BYTES`]), so that a task whose
@@ -80,7 +214,7 @@ pub const RESULT_TOO_LARGE: &str = "result too large to send";
 ///
 /// ```
 /// let mut out = vec![9];
-/// procpool_worker::protocol::encode_into(&(1u8, 300u32), &mut out).unwrap();
+/// procpool_worker::wire::encode_into(&(1u8, 300u32), &mut out).unwrap();
 /// assert_eq!(out, [9, 1, 0xac, 0x02]);
 /// ```
 #[inline]
@@ -194,7 +328,7 @@ pub fn end_item(out: &mut Vec<u8>, start: ItemStart) -> bool {
 /// Appends `bytes` to `out` as one item.
 ///
 /// ```
-/// use procpool_worker::protocol::{push_item, split_item};
+/// use procpool_worker::wire::{push_item, split_item};
 /// let mut body = Vec::new();
 /// push_item(&mut body, b"short");
 /// push_item(&mut body, &[7u8; 300]);
@@ -312,7 +446,7 @@ pub enum TaskFailure {
 
 /// Messages from the parent to the fork server, one per datagram.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ZygoteRequest {
+pub enum ForkServerRequest {
     /// Fork a worker. Attached descriptors: the worker's ends of its link
     /// (read, then write), then its status page if `has_status`, then the
     /// model store if `has_model`.
@@ -327,7 +461,7 @@ pub enum ZygoteRequest {
         has_model: bool,
     },
     /// The parent is about to hand a request's descriptors straight to the
-    /// spare `pid` (announced by [`ZygoteEvent::Spare`]): from now on it is
+    /// spare `pid` (announced by [`ForkServerEvent::Spare`]): from now on it is
     /// a worker, its stderr lines carry `label`, and the server forks the
     /// next spare. Sent before the hand-off, so the server knows the worker
     /// before the worker can write or die.
@@ -362,7 +496,7 @@ pub enum ExitInfo {
 
 /// Messages from the fork server to the parent, one per datagram.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ZygoteEvent {
+pub enum ForkServerEvent {
     /// Sent once at start.
     Ready {
         /// The fork server's build fingerprint.
@@ -374,7 +508,7 @@ pub enum ZygoteEvent {
     /// on which one datagram of [`HANDOFF_FLAGS_LEN`] byte (the
     /// [`HANDOFF_STATUS`] and [`HANDOFF_MODEL`] bits) with a spawn request's
     /// descriptors attached makes it that worker, after a
-    /// [`ZygoteRequest::Took`]. The parent owns it from here on; how it
+    /// [`ForkServerRequest::Took`]. The parent owns it from here on; how it
     /// ends is reported like any worker's.
     Spare {
         /// The spare's process id.
@@ -427,7 +561,7 @@ pub fn handoff_flags(has_status: bool, has_model: bool) -> u8 {
 pub const STDERR_TAIL: usize = 16 * 1024;
 
 /// Largest datagram on the fork-server link.
-pub const ZYGOTE_DATAGRAM: usize = 64 * 1024;
+pub const FORK_SERVER_DATAGRAM: usize = 64 * 1024;
 
 /// The FATAL message of a worker whose build differs from its parent's.
 pub const BUILD_MISMATCH: &str = "the worker runs a different build than its parent";

@@ -1,37 +1,12 @@
-//! The status page: one shared page per worker where the worker records the
-//! task it is running and since when. The parent reads it when the worker
-//! dies (to fail only that task and re-run the rest of its batch) and while
-//! it waits (to enforce per-task timeouts). Two plain atomic stores per task
-//! cost nothing next to any message.
-//!
-//! A pool worker's page is the start of a larger region that also holds its
-//! bulk arena (see [`crate::arena`]).
+//! This worker's status page (see [`crate::wire::region`]): where it
+//! records the task it is running and since when.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-/// Bytes in a status page.
-pub const STATUS_PAGE_BYTES: usize = 4096;
-
-/// The words of a status page.
-#[repr(C)]
-#[derive(Debug)]
-pub struct StatusWords {
-    /// Index + 1 of the task running now; 0 between tasks.
-    pub current: AtomicU64,
-    /// `CLOCK_MONOTONIC` nanoseconds when that task started.
-    pub started_ns: AtomicU64,
-    /// Results spans of the arena the parent has decoded, and so released.
-    pub results_released: AtomicU64,
-}
-
-impl StatusWords {
-    /// The task running now, if any.
-    pub fn current_task(&self) -> Option<u64> {
-        self.current.load(Ordering::Acquire).checked_sub(1)
-    }
-}
+use crate::sys::monotonic_ns;
+use crate::wire::region::{STATUS_PAGE_BYTES, StatusWords};
 
 static PAGE: OnceLock<&'static StatusWords> = OnceLock::new();
 
@@ -41,18 +16,6 @@ static ARENA: OnceLock<(usize, usize)> = OnceLock::new();
 /// Whether start times are recorded: only a parent that enforces timeouts
 /// reads them, and a clock read costs more than a trivial task.
 static RECORD_TIMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Nanoseconds on the system-wide monotonic clock, comparable across processes.
-#[inline]
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Maps the region the parent created and makes its first page this
 /// process's status page; `record_times` when the parent enforces task
@@ -90,7 +53,7 @@ pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
     // bytes, zero-filled (valid atomics), and lives forever.
     let words = unsafe { &*(ptr as *const StatusWords) };
     let _ = PAGE.set(words);
-    let half = crate::arena::half_of_region(len);
+    let half = crate::wire::region::half_of_region(len);
     if half > 0 {
         let _ = ARENA.set((ptr as usize, half));
     }

@@ -1,19 +1,27 @@
-//! The main loop of a worker process: handshake, setup, then batches until
-//! the parent says stop or goes away.
+//! What runs in a worker process: its main loop (setup, then batches until
+//! the parent says stop or goes away), running a batch's tasks under
+//! `catch_unwind` ([`task`]), its link to the parent ([`link`]), forwarding
+//! `log` records ([`log_forward`]) and its status page ([`status`]).
+
+pub mod link;
+pub mod log_forward;
+pub mod status;
+pub mod task;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering, fence};
 
-use crate::arena::{self, ARENA_MIN_BYTES, Ring};
 use crate::fnref;
-use crate::link;
-use crate::protocol::{
-    BATCH_HEADER, NUM_PROCS_ENV, Ready, Setup, THREAD_ENV_VARS, from_worker, le_u64, to_worker,
-};
 use crate::store_format::{HEADER_LEN, Header};
-use crate::sys::{self, FrameReader, WorkerFds};
-use crate::task::{BatchRunner, BatchView};
+use crate::sys::{self, WorkerFds};
+use crate::wire::frame::{self, FrameReader};
+use crate::wire::region::{self, ARENA_MIN_BYTES, Ring};
+use crate::wire::{
+    BatchHeader, NUM_PROCS_ENV, RESULTS_HEADER, Ready, ResultsHeader, Setup, THREAD_ENV_VARS,
+    from_worker, level_filter_from_wire, to_worker,
+};
+use crate::worker::task::{BatchRunner, BatchView};
 
 fn fatal(message: String) -> ! {
     if let Ok(body) = postcard::to_allocvec(&message) {
@@ -184,7 +192,7 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
     let fingerprint = fnref::fingerprint();
     if setup.fingerprint != fingerprint {
         // Offsets from another build would point anywhere: use none of them.
-        fatal(crate::protocol::BUILD_MISMATCH.to_string());
+        fatal(crate::wire::BUILD_MISMATCH.to_string());
     }
     for (key, value) in &setup.env {
         // SAFETY: no user code has run in this process yet and the worker
@@ -192,17 +200,9 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
         unsafe { std::env::set_var(key, value) };
     }
     drop_env_placeholders(&setup.env);
-    let level = match setup.max_log_level {
-        0 => log::LevelFilter::Off,
-        1 => log::LevelFilter::Error,
-        2 => log::LevelFilter::Warn,
-        3 => log::LevelFilter::Info,
-        4 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    crate::log_forward::install(level);
+    crate::worker::log_forward::install(level_filter_from_wire(setup.max_log_level));
     if let Some(status) = status
-        && let Err(e) = crate::status::install(status, setup.timed)
+        && let Err(e) = crate::worker::status::install(status, setup.timed)
     {
         fatal(e);
     }
@@ -263,31 +263,34 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
                 body.len()
             )),
         };
-        if body.len() < BATCH_HEADER {
+        let Some((header, items)) = BatchHeader::decode(body) else {
             fatal(format!("batch of {} bytes, too short", body.len()));
-        }
+        };
         let batch = BatchView {
-            first_index: le_u64(body, 0),
-            root_seed: le_u64(body, 8),
-            count: u32::from_le_bytes([body[16], body[17], body[18], body[19]]),
-            items: &body[BATCH_HEADER..],
+            first_index: header.first_index,
+            root_seed: header.root_seed,
+            count: header.count,
+            items,
+        };
+        let mut results = ResultsHeader {
+            first_index: header.first_index,
+            count: header.count,
+            elapsed_ns: 0,
         };
         out.clear();
-        let start = sys::begin_frame(&mut out, from_worker::RESULTS);
-        out.extend_from_slice(&batch.first_index.to_le_bytes());
-        out.extend_from_slice(&batch.count.to_le_bytes());
-        let elapsed_at = out.len();
-        out.extend_from_slice(&0u64.to_le_bytes());
+        let start = frame::begin_frame(&mut out, from_worker::RESULTS);
+        let header_at = out.len();
+        out.extend_from_slice(&results.encode());
         let started = std::time::Instant::now();
         // SAFETY: `runner` was monomorphised for the user's function type,
         // and the parent validated `archive`, which is immutable (see
         // `map_model`).
         unsafe { runner(user_fn, archive, batch, &mut out) };
-        crate::status::idle();
-        let elapsed = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        out[elapsed_at..elapsed_at + 8].copy_from_slice(&elapsed.to_le_bytes());
-        sys::end_frame(&mut out, start);
-        let body_start = start + sys::FRAME_HEADER;
+        crate::worker::status::idle();
+        results.elapsed_ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        out[header_at..header_at + RESULTS_HEADER].copy_from_slice(&results.encode());
+        frame::end_frame(&mut out, start);
+        let body_start = start + frame::FRAME_HEADER;
         let sent = match arena
             .as_mut()
             .and_then(|a| a.put_results(&out[body_start..]))
@@ -298,13 +301,13 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
         if sent.is_err() || setup.one_batch {
             leave(0);
         }
-        if out.capacity() > sys::RETAINED_BUFFER_BYTES {
+        if out.capacity() > frame::RETAINED_BUFFER_BYTES {
             out = Vec::new();
         }
     }
 }
 
-/// The worker's side of its bulk arena (see [`crate::arena`]).
+/// The worker's side of its bulk arena (see [`crate::wire::region`]).
 struct WorkerArena {
     /// The start of the shared region (the status page).
     base: *mut u8,
@@ -314,18 +317,18 @@ struct WorkerArena {
     results: Ring,
     /// Results spans released so far, as counted here.
     released: u64,
-    words: &'static crate::status::StatusWords,
+    words: &'static crate::wire::region::StatusWords,
 }
 
 impl WorkerArena {
     fn install() -> Option<WorkerArena> {
-        let (base, half) = crate::status::arena()?;
+        let (base, half) = crate::worker::status::arena()?;
         Some(WorkerArena {
             base,
             half,
             results: Ring::new(half),
             released: 0,
-            words: crate::status::words()?,
+            words: crate::worker::status::words()?,
         })
     }
 
@@ -333,7 +336,7 @@ impl WorkerArena {
     /// borrow of `self` keeps it from outliving the batch: the next results
     /// (which take `self` mutably) free the span for the parent to reuse.
     fn batch_body(&self, frame_body: &[u8]) -> Option<&[u8]> {
-        let (offset, len) = arena::parse_span_frame_body(frame_body, self.half)?;
+        let (offset, len) = region::parse_span_frame_body(frame_body, self.half)?;
         // The parent wrote the span before it sent the frame we just read.
         fence(Ordering::Acquire);
         // SAFETY: the span lies inside the parent's half of a mapping that
@@ -342,7 +345,7 @@ impl WorkerArena {
         // `put_results` (a mutable borrow, so after the last use of this one)
         // or the pipe, after the last read of it.
         Some(unsafe {
-            std::slice::from_raw_parts(self.base.add(arena::to_worker_offset() + offset), len)
+            std::slice::from_raw_parts(self.base.add(region::to_worker_offset() + offset), len)
         })
     }
 
@@ -365,12 +368,13 @@ impl WorkerArena {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 body.as_ptr(),
-                self.base.add(arena::from_worker_offset(self.half) + offset),
+                self.base
+                    .add(region::from_worker_offset(self.half) + offset),
                 body.len(),
             );
         }
         // The bytes are in place before the frame that names them goes out.
         fence(Ordering::Release);
-        Some(arena::span_frame_body(offset, body.len()))
+        Some(region::span_frame_body(offset, body.len()))
     }
 }
