@@ -1,5 +1,6 @@
 //! Error types, one per concern, each with predicates to branch on.
 
+use procpool_worker::wire::TaskFailure;
 use std::fmt;
 use std::io;
 
@@ -42,12 +43,9 @@ pub(crate) enum Death {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TaskErrorKind {
-    Panicked {
-        message: String,
-        location: Option<String>,
-    },
-    BadArgument(String),
-    BadResult(String),
+    /// The task ran and failed: a panic, or its argument or result could
+    /// not cross the process boundary. As the worker reported it.
+    Failed(TaskFailure),
     WorkerDied {
         worker_id: u32,
         pid: u32,
@@ -59,31 +57,25 @@ enum TaskErrorKind {
 }
 
 impl TaskError {
-    pub(crate) fn from_failure(
-        index: u64,
-        failure: procpool_worker::wire::TaskFailure,
-    ) -> TaskError {
-        use procpool_worker::wire::TaskFailure as F;
-        let kind = match failure {
-            F::Panicked { message, location } => TaskErrorKind::Panicked { message, location },
-            F::BadArgument(m) => TaskErrorKind::BadArgument(m),
-            F::BadResult(m) => TaskErrorKind::BadResult(m),
-        };
+    pub(crate) fn from_failure(index: u64, failure: TaskFailure) -> TaskError {
         TaskError {
             index,
-            kind: Box::new(kind),
+            kind: Box::new(TaskErrorKind::Failed(failure)),
         }
     }
 
+    /// Task `index` failed with its worker `worker_id` (process `pid`),
+    /// which ended as `ended` says (how, and the tail of its stderr), if
+    /// known.
     pub(crate) fn worker_died(
         index: u64,
         worker_id: u32,
         pid: u32,
-        ended: Option<crate::launch::Ended>,
+        ended: Option<(ExitInfo, String)>,
         cause: Death,
     ) -> TaskError {
         let (exit, stderr_tail) = match ended {
-            Some(e) => (Some(e.exit), e.stderr_tail),
+            Some((exit, tail)) => (Some(exit), tail),
             None => (None, String::new()),
         };
         // Rust's default allocation-error handler prints this, then aborts.
@@ -119,7 +111,9 @@ impl TaskError {
     pub(crate) fn bad_result(index: u64, message: impl Into<String>) -> TaskError {
         TaskError {
             index,
-            kind: Box::new(TaskErrorKind::BadResult(message.into())),
+            kind: Box::new(TaskErrorKind::Failed(TaskFailure::BadResult(
+                message.into(),
+            ))),
         }
     }
 
@@ -130,13 +124,16 @@ impl TaskError {
 
     /// True if the function panicked (and the worker lived on).
     pub fn is_panic(&self) -> bool {
-        matches!(*self.kind, TaskErrorKind::Panicked { .. })
+        matches!(
+            *self.kind,
+            TaskErrorKind::Failed(TaskFailure::Panicked { .. })
+        )
     }
 
     /// The panic message, if the function panicked.
     pub fn panic_message(&self) -> Option<&str> {
         match &*self.kind {
-            TaskErrorKind::Panicked { message, .. } => Some(message),
+            TaskErrorKind::Failed(TaskFailure::Panicked { message, .. }) => Some(message),
             _ => None,
         }
     }
@@ -144,7 +141,7 @@ impl TaskError {
     /// `file:line:column` of the panic, if the function panicked there.
     pub fn panic_location(&self) -> Option<&str> {
         match &*self.kind {
-            TaskErrorKind::Panicked { location, .. } => location.as_deref(),
+            TaskErrorKind::Failed(TaskFailure::Panicked { location, .. }) => location.as_deref(),
             _ => None,
         }
     }
@@ -238,7 +235,7 @@ impl TaskError {
     pub fn is_serialization(&self) -> bool {
         matches!(
             *self.kind,
-            TaskErrorKind::BadArgument(_) | TaskErrorKind::BadResult(_)
+            TaskErrorKind::Failed(TaskFailure::BadArgument(_) | TaskFailure::BadResult(_))
         )
     }
 }
@@ -285,16 +282,17 @@ impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = self.index;
         match &*self.kind {
-            TaskErrorKind::Panicked {
+            TaskErrorKind::Failed(TaskFailure::Panicked {
                 message,
                 location: Some(loc),
-            } => write!(f, "task {i} panicked at {loc}: {message}"),
-            TaskErrorKind::Panicked {
+            }) => write!(f, "task {i} panicked at {loc}: {message}"),
+            TaskErrorKind::Failed(TaskFailure::Panicked {
                 message,
                 location: None,
-            } => write!(f, "task {i} panicked: {message}"),
-            TaskErrorKind::BadArgument(m) => write!(f, "task {i}: {m}"),
-            TaskErrorKind::BadResult(m) => write!(f, "task {i}: {m}"),
+            }) => write!(f, "task {i} panicked: {message}"),
+            TaskErrorKind::Failed(TaskFailure::BadArgument(m) | TaskFailure::BadResult(m)) => {
+                write!(f, "task {i}: {m}")
+            }
             TaskErrorKind::WorkerDied {
                 worker_id,
                 pid,

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use procpool_worker::worker::task::{self, BatchRunner};
 
 use crate::error::PoolError;
-use crate::map::{Executor, Map, MapOptions, MapUnordered, map_options};
+use crate::map::{Executor, MapOptions, executor_accessors, map_methods, map_options};
 use crate::store::{ArchivedModel, ModelStore};
 
 /// The function an invoker applies: a plain `fn` (or a closure that captures
@@ -161,50 +161,9 @@ where
     A: Serialize + DeserializeOwned + 'static,
     R: Serialize + DeserializeOwned + 'static,
 {
-    /// Applies the function to every argument; yields one result per
-    /// argument, in input order. The input is read lazily, a bounded number
-    /// of tasks ahead of what has been taken, so it may be endless.
-    pub fn map<I>(&mut self, args: I) -> Map<'_, A, R, I::IntoIter>
-    where
-        I: IntoIterator<Item = A>,
-    {
-        Map {
-            inner: self.executor.map(args.into_iter(), true),
-        }
-    }
-
-    /// Like [`map`](Self::map), but yields results as they complete, each
-    /// with the index of its argument.
-    pub fn map_unordered<I>(&mut self, args: I) -> MapUnordered<'_, A, R, I::IntoIter>
-    where
-        I: IntoIterator<Item = A>,
-    {
-        MapUnordered {
-            inner: self.executor.map(args.into_iter(), false),
-        }
-    }
+    map_methods!();
 }
 
 impl<M: rkyv::Archive, A, R> Invoker<M, A, R> {
-    /// The number of worker processes (1: runs in this process).
-    pub fn n_jobs(&self) -> usize {
-        self.executor.n_jobs()
-    }
-
-    /// The process ids of the workers now running (empty for `n_jobs = 1`).
-    /// A worker that dies is replaced, so the list can change between maps.
-    pub fn worker_pids(&self) -> Vec<u32> {
-        self.executor.worker_pids()
-    }
-
-    /// The root seed task seeds derive from.
-    pub fn root_seed(&self) -> u64 {
-        self.executor.root_seed()
-    }
-
-    /// Stops the workers, forwarding the logs they still send. Dropping the
-    /// invoker does the same.
-    pub fn shutdown(mut self) {
-        self.executor.stop();
-    }
+    executor_accessors!();
 }

@@ -114,6 +114,66 @@ macro_rules! map_options {
 }
 pub(crate) use map_options;
 
+/// The maps of a type with an `executor: Executor<A, R>` field.
+macro_rules! map_methods {
+    () => {
+        /// Applies the function to every argument; yields one result per
+        /// argument, in input order. The input is read lazily, a bounded
+        /// number of tasks ahead of what has been taken, so it may be
+        /// endless.
+        pub fn map<I>(&mut self, args: I) -> crate::Map<'_, A, R, I::IntoIter>
+        where
+            I: IntoIterator<Item = A>,
+        {
+            crate::Map {
+                inner: self.executor.map(args.into_iter(), true),
+            }
+        }
+
+        /// Like [`map`](Self::map), but yields results as they complete,
+        /// each with the index of its argument.
+        pub fn map_unordered<I>(&mut self, args: I) -> crate::MapUnordered<'_, A, R, I::IntoIter>
+        where
+            I: IntoIterator<Item = A>,
+        {
+            crate::MapUnordered {
+                inner: self.executor.map(args.into_iter(), false),
+            }
+        }
+    };
+}
+pub(crate) use map_methods;
+
+/// What a type with an `executor: Executor<A, R>` field tells of its
+/// workers, and how it stops them.
+macro_rules! executor_accessors {
+    () => {
+        /// The number of worker processes (1: runs in this process).
+        pub fn n_jobs(&self) -> usize {
+            self.executor.n_jobs()
+        }
+
+        /// The process ids of the workers now running (empty for
+        /// `n_jobs = 1`). A worker that dies is replaced, so the list can
+        /// change between maps.
+        pub fn worker_pids(&self) -> Vec<u32> {
+            self.executor.worker_pids()
+        }
+
+        /// The root seed task seeds derive from.
+        pub fn root_seed(&self) -> u64 {
+            self.executor.root_seed()
+        }
+
+        /// Stops the workers, forwarding the logs they still send. Dropping
+        /// it does the same.
+        pub fn shutdown(mut self) {
+            self.executor.stop();
+        }
+    };
+}
+pub(crate) use executor_accessors;
+
 /// Runs one task in this process (see [`run_here`]). Its arguments: the
 /// argument, the task's index and the root seed.
 pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;

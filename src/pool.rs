@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use procpool_worker::worker::task::{self, BatchRunner};
 
 use crate::error::PoolError;
-use crate::map::{Executor, Map, MapOptions, MapUnordered, map_options};
+use crate::map::{Executor, MapOptions, executor_accessors, map_methods, map_options};
 
 /// Creates a pool that applies `func` to each argument in `n_jobs` worker
 /// processes (`n_jobs = 1`: in this process).
@@ -118,6 +118,29 @@ where
 /// crash failing only its task, per-task seeds ([`seed`](crate::seed)),
 /// forwarded logs, timeouts and memory limits, and the same results and
 /// errors for `n_jobs = 1`, which runs in this process.
+///
+/// ```
+/// fn parse(s: String) -> i64 {
+///     s.parse().expect("a number")
+/// }
+///
+/// let mut pool = procpool::pool(parse, 2)?;
+/// let input = ["1", "x", "3"].map(String::from);
+/// let results: Vec<_> = pool.map(input).collect();
+/// assert_eq!(results[0].as_ref().ok(), Some(&1));
+/// assert!(results[1].as_ref().is_err_and(|e| e.is_panic()));
+/// assert_eq!(results[2].as_ref().ok(), Some(&3));
+///
+/// // As they complete, with the index of their argument.
+/// let mut doubled: Vec<(usize, i64)> = pool
+///     .map_unordered(["4", "5"].map(String::from))
+///     .map(|(i, r)| (i, r.unwrap()))
+///     .collect();
+/// doubled.sort();
+/// assert_eq!(doubled, [(0, 4), (1, 5)]);
+/// pool.shutdown();
+/// # Ok::<(), procpool::PoolError>(())
+/// ```
 pub struct Pool<A, R> {
     executor: Executor<A, R>,
 }
@@ -136,77 +159,9 @@ where
     A: Serialize + DeserializeOwned + 'static,
     R: Serialize + DeserializeOwned + 'static,
 {
-    /// Applies the function to every argument; yields one result per
-    /// argument, in input order. The input is read lazily, a bounded number
-    /// of tasks ahead of what has been taken, so it may be endless.
-    ///
-    /// ```
-    /// fn parse(s: String) -> i64 {
-    ///     s.parse().expect("a number")
-    /// }
-    ///
-    /// let mut pool = procpool::pool(parse, 2)?;
-    /// let input = ["1", "x", "3"].map(String::from);
-    /// let results: Vec<_> = pool.map(input).collect();
-    /// assert_eq!(results[0].as_ref().ok(), Some(&1));
-    /// assert!(results[1].as_ref().is_err_and(|e| e.is_panic()));
-    /// assert_eq!(results[2].as_ref().ok(), Some(&3));
-    /// # Ok::<(), procpool::PoolError>(())
-    /// ```
-    pub fn map<I>(&mut self, args: I) -> Map<'_, A, R, I::IntoIter>
-    where
-        I: IntoIterator<Item = A>,
-    {
-        Map {
-            inner: self.executor.map(args.into_iter(), true),
-        }
-    }
-
-    /// Like [`map`](Self::map), but yields results as they complete, each
-    /// with the index of its argument.
-    ///
-    /// ```
-    /// fn double(x: u32) -> u32 {
-    ///     x * 2
-    /// }
-    ///
-    /// let mut pool = procpool::pool(double, 2)?;
-    /// let mut results: Vec<(usize, u32)> =
-    ///     pool.map_unordered(0..5u32).map(|(i, r)| (i, r.unwrap())).collect();
-    /// results.sort();
-    /// assert_eq!(results, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8)]);
-    /// # Ok::<(), procpool::PoolError>(())
-    /// ```
-    pub fn map_unordered<I>(&mut self, args: I) -> MapUnordered<'_, A, R, I::IntoIter>
-    where
-        I: IntoIterator<Item = A>,
-    {
-        MapUnordered {
-            inner: self.executor.map(args.into_iter(), false),
-        }
-    }
+    map_methods!();
 }
 
 impl<A, R> Pool<A, R> {
-    /// The number of worker processes (1: runs in this process).
-    pub fn n_jobs(&self) -> usize {
-        self.executor.n_jobs()
-    }
-
-    /// The process ids of the workers now running (empty for `n_jobs = 1`).
-    /// A worker that dies is replaced, so the list can change between maps.
-    pub fn worker_pids(&self) -> Vec<u32> {
-        self.executor.worker_pids()
-    }
-
-    /// The root seed task seeds derive from.
-    pub fn root_seed(&self) -> u64 {
-        self.executor.root_seed()
-    }
-
-    /// Stops the workers, forwarding the logs they still send. Dropping the
-    /// pool does the same.
-    pub fn shutdown(mut self) {
-        self.executor.stop();
-    }
+    executor_accessors!();
 }

@@ -197,39 +197,21 @@ fn an_argument_that_cannot_be_decoded_fails_alone() {
     });
 }
 
-#[test]
-fn a_panic_in_an_arguments_deserialize_fails_alone() {
-    check_fault(Fault::ArgDeserializePanics, |e| {
-        is_panic_with(e, "deserialize of 150 panics")
-    });
-}
+/// A panic in each piece of serde code that runs for a task, in the
+/// caller or in a worker, with the message it must be reported with.
+const PANICS: [(Fault, &str); 5] = [
+    (Fault::ArgSerializePanics, "serialize of 150 panics"),
+    (Fault::ArgDropPanics, "drop of 150 panics"),
+    (Fault::ArgDeserializePanics, "deserialize of 150 panics"),
+    (Fault::ResultSerializePanics, "serialize of 300 panics"),
+    (Fault::ResultDropPanics, "drop of 300 panics"),
+];
 
 #[test]
-fn a_panic_in_an_arguments_serialize_fails_alone() {
-    check_fault(Fault::ArgSerializePanics, |e| {
-        is_panic_with(e, "serialize of 150 panics")
-    });
-}
-
-#[test]
-fn a_panic_in_an_arguments_drop_fails_alone() {
-    check_fault(Fault::ArgDropPanics, |e| {
-        is_panic_with(e, "drop of 150 panics")
-    });
-}
-
-#[test]
-fn a_panic_in_a_results_serialize_fails_alone() {
-    check_fault(Fault::ResultSerializePanics, |e| {
-        is_panic_with(e, "serialize of 300 panics")
-    });
-}
-
-#[test]
-fn a_panic_in_a_results_drop_fails_alone() {
-    check_fault(Fault::ResultDropPanics, |e| {
-        is_panic_with(e, "drop of 300 panics")
-    });
+fn a_panic_in_an_arguments_or_results_serde_code_or_drop_fails_alone() {
+    for (fault, message) in PANICS {
+        check_fault(fault, |e| is_panic_with(e, message));
+    }
 }
 
 #[test]
@@ -241,7 +223,7 @@ fn a_result_that_cannot_be_decoded_fails_alone() {
 }
 
 #[test]
-fn a_panic_in_a_results_deserialize_fails_alone() {
+fn a_panic_in_a_results_deserialize_in_the_caller_fails_alone() {
     check_fault(Fault::ResultDeserializePanics, |e| {
         is_panic_with(e, "deserialize of 300 panics")
     });

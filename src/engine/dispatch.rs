@@ -361,7 +361,7 @@ impl<'p> Engine<'p> {
             },
             timed_out: worker.stopping.as_ref().map(|s| s.task),
         };
-        let ended = worker.kill_and_reap();
+        let ended = worker.kill_and_reap().map(|e| (e.exit, e.stderr_tail));
         let (id, pid) = (worker.id, worker.pid);
         let held = std::mem::take(&mut worker.in_flight);
         let spec = &self.workers.spec;

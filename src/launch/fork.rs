@@ -1,9 +1,8 @@
 //! `StartMethod::Fork`: fork the worker straight from this process.
 
+use super::NewWorker;
 use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
-
-use procpool_worker::sys::LinkEnds;
 
 use super::Reaper;
 use crate::error::PoolError;
@@ -38,12 +37,14 @@ fn reap_exited(unreaped: &mut Vec<u32>) {
     });
 }
 
-pub(super) fn fork(
-    _label: &str,
-    link: LinkEnds,
-    status: Option<BorrowedFd<'_>>,
-    model: Option<BorrowedFd<'_>>,
-) -> Result<(u32, Reaper), PoolError> {
+pub(super) fn fork(new_worker: NewWorker<'_>) -> Result<(u32, Reaper), PoolError> {
+    // A forked worker writes to this process's stderr itself: no label.
+    let NewWorker {
+        link,
+        status,
+        model,
+        ..
+    } = new_worker;
     reap_exited(&mut UNREAPED.lock().unwrap_or_else(|e| e.into_inner()));
     match thread_count() {
         Some(1) => {}

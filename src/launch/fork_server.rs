@@ -1,15 +1,16 @@
 //! The parent's side of the fork server: starting it, asking it for workers,
 //! and hearing how they ended.
 
+use super::NewWorker;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use procpool_worker::sys::{self, LinkEnds};
+use procpool_worker::sys;
 use procpool_worker::wire::{
     FORK_SERVER_DATAGRAM, ForkServerEvent, ForkServerRequest, ROLE_ENV, handoff_flags,
 };
@@ -233,13 +234,8 @@ impl ForkServer {
     /// else by asking the server to fork one. Returns once the descriptors
     /// are sent, with the pid if it came from a spare; otherwise the worker
     /// reports its pid when ready, and a failed fork closes its link.
-    pub fn spawn(
-        &self,
-        label: &str,
-        link: LinkEnds,
-        status: Option<BorrowedFd<'_>>,
-        model: Option<BorrowedFd<'_>>,
-    ) -> Result<Option<u32>, PoolError> {
+    pub fn spawn(&self, new_worker: NewWorker<'_>) -> Result<Option<u32>, PoolError> {
+        let (label, link, status, model) = new_worker.into_parts();
         if !self.alive.load(Ordering::Acquire) {
             return Err(PoolError::protocol("the fork server ended"));
         }

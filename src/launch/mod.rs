@@ -338,14 +338,7 @@ impl Reaper {
                 // SAFETY: non-blocking wait for our own child.
                 let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
                 if ret == pid as libc::pid_t {
-                    return ended(if libc::WIFSIGNALED(status) {
-                        ExitInfo::Signal {
-                            signal: libc::WTERMSIG(status),
-                            core_dumped: libc::WCOREDUMP(status),
-                        }
-                    } else {
-                        ExitInfo::Code(libc::WEXITSTATUS(status))
-                    });
+                    return ended(ExitInfo::from_wait_status(status));
                 }
                 if ret < 0 || std::time::Instant::now() >= deadline {
                     return None;
@@ -353,6 +346,32 @@ impl Reaper {
                 std::thread::sleep(Duration::from_millis(1));
             },
         }
+    }
+}
+
+/// What a new worker is given, whichever way it starts.
+pub(crate) struct NewWorker<'a> {
+    /// Prefix for its stderr lines.
+    pub label: &'a str,
+    /// Its ends of its link.
+    pub link: LinkEnds,
+    /// Its status page (a pool's worker).
+    pub status: Option<BorrowedFd<'a>>,
+    /// The model store (a map over a model).
+    pub model: Option<BorrowedFd<'a>>,
+}
+
+impl<'a> NewWorker<'a> {
+    /// Its label, link, status page and model store.
+    pub fn into_parts(
+        self,
+    ) -> (
+        &'a str,
+        LinkEnds,
+        Option<BorrowedFd<'a>>,
+        Option<BorrowedFd<'a>>,
+    ) {
+        (self.label, self.link, self.status, self.model)
     }
 }
 
@@ -399,19 +418,24 @@ pub(crate) fn launch(
         ),
         Purpose::Isolated => None,
     };
-    let status_fd = status.as_ref().map(|s| s.fd.as_fd());
+    let new_worker = NewWorker {
+        label,
+        link: theirs,
+        status: status.as_ref().map(|s| s.fd.as_fd()),
+        model,
+    };
     let (pid, reaper) = match method {
         StartMethod::ForkServer => {
             let server = fork_server::get()?;
-            let pid = server.spawn(label, theirs, status_fd, model)?;
+            let pid = server.spawn(new_worker)?;
             (pid, Reaper::ForkServer(server))
         }
         StartMethod::Spawn => {
-            let (pid, reaper) = spawn::spawn(label, theirs, status_fd, model)?;
+            let (pid, reaper) = spawn::spawn(new_worker)?;
             (Some(pid), reaper)
         }
         StartMethod::Fork(_) => {
-            let (pid, reaper) = fork::fork(label, theirs, status_fd, model)?;
+            let (pid, reaper) = fork::fork(new_worker)?;
             (Some(pid), reaper)
         }
     };

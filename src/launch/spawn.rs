@@ -1,22 +1,19 @@
 //! `StartMethod::Spawn`: re-execute this program as a worker.
 
+use super::NewWorker;
 use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use procpool_worker::sys::{self, LinkEnds};
+use procpool_worker::sys;
 use procpool_worker::wire::ROLE_ENV;
 
 use super::{Reaper, StderrTail};
 use crate::error::PoolError;
 
-pub(super) fn spawn(
-    label: &str,
-    link: LinkEnds,
-    status: Option<BorrowedFd<'_>>,
-    model: Option<BorrowedFd<'_>>,
-) -> Result<(u32, Reaper), PoolError> {
+pub(super) fn spawn(new_worker: NewWorker<'_>) -> Result<(u32, Reaper), PoolError> {
+    let (label, link, status, model) = new_worker.into_parts();
     let fds = [
         link.read.as_raw_fd(),
         link.write.as_raw_fd(),

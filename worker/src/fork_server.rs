@@ -105,17 +105,6 @@ fn pump_stderr(child: &mut Child) -> bool {
     }
 }
 
-fn decode_status(status: libc::c_int) -> ExitInfo {
-    if libc::WIFSIGNALED(status) {
-        ExitInfo::Signal {
-            signal: libc::WTERMSIG(status),
-            core_dumped: libc::WCOREDUMP(status),
-        }
-    } else {
-        ExitInfo::Code(libc::WEXITSTATUS(status))
-    }
-}
-
 fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spares: &mut Vec<Spare>) {
     loop {
         let mut status: libc::c_int = 0;
@@ -140,7 +129,7 @@ fn reap(ctrl: RawFd, children: &mut HashMap<u32, Child>, spares: &mut Vec<Spare>
             ctrl,
             &ForkServerEvent::Exited {
                 pid,
-                status: decode_status(status),
+                status: ExitInfo::from_wait_status(status),
                 stderr_tail,
             },
         );

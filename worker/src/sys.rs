@@ -200,6 +200,30 @@ pub fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Maps `len` bytes of `fd` shared, readable, and writable too if
+/// `writable`, for the life of the process (it is never unmapped).
+///
+/// # Safety
+///
+/// A read-only mapping is read as plain bytes: nobody may modify the file
+/// for the life of the process. A writable one is shared with other
+/// processes: its contents must be read and written only through atomics,
+/// or as the protocol that shares it says.
+pub unsafe fn map_shared(fd: RawFd, len: usize, writable: bool) -> io::Result<*mut u8> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh mapping at an address the kernel picks; it overlaps
+    // nothing of ours.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr.cast())
+}
+
 /// Appends to `buf` what one read of `fd` gives, at most `max` bytes; `Ok(0)`
 /// at end of file. Blocks only if `fd` does.
 #[inline]

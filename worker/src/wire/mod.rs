@@ -494,6 +494,20 @@ pub enum ExitInfo {
     },
 }
 
+impl ExitInfo {
+    /// How a process ended, from the status `waitpid` gave for it.
+    pub fn from_wait_status(status: libc::c_int) -> ExitInfo {
+        if libc::WIFSIGNALED(status) {
+            ExitInfo::Signal {
+                signal: libc::WTERMSIG(status),
+                core_dumped: libc::WCOREDUMP(status),
+            }
+        } else {
+            ExitInfo::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
 /// Messages from the fork server to the parent, one per datagram.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForkServerEvent {

@@ -75,24 +75,9 @@ unsafe fn memmap_readonly(file: &File, len: u64) -> Result<&'static [u8], String
     if len == 0 {
         return Err("the model store is empty".into());
     }
-    // SAFETY: a fresh shared read-only mapping of `len` bytes of `file`;
-    // the caller guarantees the contents do not change.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(format!(
-            "cannot map the model store: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    // SAFETY: the caller guarantees the contents do not change.
+    let ptr = unsafe { sys::map_shared(file.as_raw_fd(), len as usize, false) }
+        .map_err(|e| format!("cannot map the model store: {e}"))?;
     // SAFETY: the mapping is `len` bytes, readable, and never unmapped.
     Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
 }

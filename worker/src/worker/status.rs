@@ -30,25 +30,10 @@ pub fn install(fd: OwnedFd, record_times: bool) -> Result<(), String> {
     if len < STATUS_PAGE_BYTES {
         return Err(format!("the status page is {len} bytes, too short"));
     }
-    // SAFETY: a fresh shared read-write mapping of the parent's memfd, of
-    // its whole length; it is never unmapped, so the references below live
-    // forever.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(format!(
-            "cannot map the status page: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    // SAFETY: the parent's memfd, shared with it alone; the page is read
+    // and written through atomics, the arena as `wire::region` says.
+    let ptr = unsafe { crate::sys::map_shared(file.as_raw_fd(), len, true) }
+        .map_err(|e| format!("cannot map the status page: {e}"))?;
     // SAFETY: the mapping is page-aligned, at least `size_of::<StatusWords>()`
     // bytes, zero-filled (valid atomics), and lives forever.
     let words = unsafe { &*(ptr as *const StatusWords) };
