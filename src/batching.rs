@@ -25,7 +25,7 @@ pub(crate) struct BatchSizer {
 
 impl BatchSizer {
     /// An adaptive sizer, or a fixed one when `chunk_size` is given.
-    pub fn new(chunk_size: Option<usize>) -> BatchSizer {
+    pub(crate) fn new(chunk_size: Option<usize>) -> BatchSizer {
         let fixed = chunk_size.map(|c| c.clamp(1, u32::MAX as usize) as u32);
         BatchSizer {
             fixed,
@@ -34,13 +34,13 @@ impl BatchSizer {
     }
 
     /// Tasks in the next batch.
-    pub fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.current
     }
 
     /// Most argument bytes in one batch: an argument that would take a
     /// batch past this starts the next one (alone, it may be larger).
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         if self.fixed.is_some() {
             usize::MAX
         } else {
@@ -49,7 +49,7 @@ impl BatchSizer {
     }
 
     /// Learns from a batch of `count` tasks that took `elapsed_ns`.
-    pub fn observe(&mut self, count: u32, elapsed_ns: u64) {
+    pub(crate) fn observe(&mut self, count: u32, elapsed_ns: u64) {
         if self.fixed.is_some() || count < self.current {
             // A short batch (end of input) says little about the size.
             return;

@@ -244,7 +244,7 @@ where
     /// Checks `options` and starts the workers that run `runner` (a batch
     /// runner monomorphised for the task's types) over `user_fn`, with
     /// `model` mapped; `in_process` runs a task here when `n_jobs = 1`.
-    pub fn start(
+    pub(crate) fn start(
         options: MapOptions,
         (runner, user_fn): (BatchRunner, usize),
         model: Option<std::os::fd::OwnedFd>,
@@ -302,7 +302,11 @@ where
     }
 
     /// A map over `input`, in input order or as results complete.
-    pub fn map<I: Iterator<Item = A>>(&mut self, input: I, ordered: bool) -> MapInner<'_, A, R, I> {
+    pub(crate) fn map<I: Iterator<Item = A>>(
+        &mut self,
+        input: I,
+        ordered: bool,
+    ) -> MapInner<'_, A, R, I> {
         match &mut self.backend {
             Backend::InProcess => MapInner::InProcess {
                 run: &self.in_process,
@@ -325,23 +329,23 @@ where
 }
 
 impl<A, R> Executor<A, R> {
-    pub fn n_jobs(&self) -> usize {
+    pub(crate) fn n_jobs(&self) -> usize {
         self.n_jobs
     }
 
-    pub fn worker_pids(&self) -> Vec<u32> {
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
         match &self.backend {
             Backend::InProcess => Vec::new(),
             Backend::Workers(workers) => workers.pids(),
         }
     }
 
-    pub fn root_seed(&self) -> u64 {
+    pub(crate) fn root_seed(&self) -> u64 {
         self.root_seed
     }
 
     /// Stops the workers, forwarding the logs they still send.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Backend::Workers(workers) = &mut self.backend {
             workers.shutdown();
         }

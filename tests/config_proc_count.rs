@@ -14,8 +14,9 @@ fn isolated_env(name: String) -> Option<String> {
 
 #[test]
 fn proc_count_forms_and_worker_environment() {
-    // SAFETY (for every set_var/remove_var below): this binary's only test
-    // runs alone, and no other thread reads the environment meanwhile.
+    // SAFETY: this binary's only test runs alone, and no other thread
+    // reads the environment meanwhile; the same holds for every
+    // set_var/remove_var below.
     unsafe { std::env::remove_var("PROCPOOL_NUM_PROCS") };
     let cpus = procpool::available_cpus();
     assert!(cpus >= 1);

@@ -30,10 +30,8 @@ fn fork_server() -> u32 {
 fn kill_fork_server(workers: &[u32]) -> u32 {
     let server = fork_server();
     // SAFETY: kill with a pid we just read and a constant signal.
-    assert_eq!(
-        unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let started = Instant::now();
     while workers.iter().any(|pid| !has_exited(*pid)) {
         assert!(

@@ -62,10 +62,8 @@ fn every_call_gets_a_fresh_process_even_after_its_spare_is_killed() {
     let spares = spares_of(server, &seen);
     for &spare in &spares {
         // SAFETY: kill with a pid we just read and a constant signal.
-        assert_eq!(
-            unsafe { libc::kill(spare as libc::pid_t, libc::SIGKILL) },
-            0
-        );
+        let sent = unsafe { libc::kill(spare as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(sent, 0);
     }
     eventually("the spares exit", || {
         spares.iter().all(|&pid| has_exited(pid))
@@ -111,10 +109,8 @@ fn every_call_gets_a_fresh_process_even_after_its_spare_is_killed() {
     });
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::kill(server as libc::pid_t, libc::SIGCONT) },
-        0
-    );
+    let sent = unsafe { libc::kill(server as libc::pid_t, libc::SIGCONT) };
+    assert_eq!(sent, 0);
     for pid in calls.join().unwrap() {
         assert!(!seen.contains(&pid), "process {pid} served two calls");
         assert!(!spares.contains(&pid), "a killed spare {pid} answered");

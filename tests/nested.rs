@@ -118,10 +118,8 @@ fn an_inner_fork_server_dies_with_a_killed_worker() {
         .collect();
     assert!(!alive.is_empty(), "no inner fork server running");
     // SAFETY: kill sends a signal; the pid is a worker of this test's pool.
-    assert_eq!(
-        unsafe { libc::kill(run.worker_pid as i32, libc::SIGKILL) },
-        0
-    );
+    let sent = unsafe { libc::kill(run.worker_pid as i32, libc::SIGKILL) };
+    assert_eq!(sent, 0);
     common::assert_all_exit(&alive, "its worker's SIGKILL");
     // The pool replaces the worker and goes on.
     let again = inv.map([10u64]).next().unwrap().unwrap().unwrap();

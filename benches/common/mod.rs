@@ -6,22 +6,22 @@ use std::time::{Duration, Instant};
 /// How often the machine stopped a thread that never blocks: on a shared
 /// VM, the host (or a kernel thread) now and then runs in its place for up
 /// to a few milliseconds, whatever the program does.
-pub struct Stalls {
+pub(crate) struct Stalls {
     /// Stops of over 100 µs, per second, per CPU.
     pub over_100us_per_s: f64,
     /// Stops of over 1 ms, per second, per CPU.
     pub over_1ms_per_s: f64,
     /// Share of the time the threads did not run, in percent (gaps of over
     /// 20 µs between two readings of the clock).
-    pub stalled_pct: f64,
+    pub(crate) stalled_pct: f64,
     /// The longest stop, in ms.
-    pub longest_ms: f64,
+    pub(crate) longest_ms: f64,
 }
 
 impl Stalls {
     /// One line comparing two measurements, one taken before and one after
     /// a benchmark's figures.
-    pub fn describe_pair(before: &Stalls, after: &Stalls) -> String {
+    pub(crate) fn describe_pair(before: &Stalls, after: &Stalls) -> String {
         format!(
             "machine (2 s before and after): stops of over 100 µs {:.1} and {:.1} per s per CPU, \
              over 1 ms {:.1} and {:.1}; {:.1}% and {:.1}% of the time stopped; longest {:.1} and {:.1} ms",
@@ -41,7 +41,7 @@ impl Stalls {
 /// clock for `duration` without ever blocking; a gap between two readings is
 /// time the machine gave to someone else. The CPUs are busy meanwhile, so
 /// call this between measurements, not during one.
-pub fn machine_stalls(duration: Duration) -> Stalls {
+pub(crate) fn machine_stalls(duration: Duration) -> Stalls {
     // SAFETY: a zeroed cpu_set_t is a valid empty set, which
     // sched_getaffinity fills in.
     let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };

@@ -5,14 +5,14 @@ use std::time::Instant;
 
 /// A forked child that echoes 64-byte messages over a pipe pair: the bare
 /// mechanism a lone task's round trip is made of.
-pub struct PipeEcho {
+pub(crate) struct PipeEcho {
     to_child: libc::c_int,
     from_child: libc::c_int,
     pid: libc::pid_t,
 }
 
 impl PipeEcho {
-    pub fn start() -> std::io::Result<PipeEcho> {
+    pub(crate) fn start() -> std::io::Result<PipeEcho> {
         let mut a = [0; 2];
         let mut b = [0; 2];
         // SAFETY: pipe writes two descriptors into each array.
@@ -59,7 +59,7 @@ impl PipeEcho {
     }
 
     /// One round trip, in µs.
-    pub fn trip(&self) -> f64 {
+    pub(crate) fn trip(&self) -> f64 {
         let mut buf = [7u8; 64];
         let start = Instant::now();
         // SAFETY: writing and reading a buffer we own on our pipe ends.

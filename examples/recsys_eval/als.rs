@@ -6,28 +6,28 @@ use super::data::{Rng, Split};
 
 /// The persisted recommender: factors and each user's seen items (CSR).
 #[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, PartialEq)]
-pub struct MfModel {
-    pub dim: u32,
-    pub n_items: u32,
+pub(crate) struct MfModel {
+    pub(crate) dim: u32,
+    pub(crate) n_items: u32,
     /// `n_users × dim`, row-major.
-    pub user_factors: Vec<f32>,
+    pub(crate) user_factors: Vec<f32>,
     /// `n_items × dim`, row-major.
-    pub item_factors: Vec<f32>,
+    pub(crate) item_factors: Vec<f32>,
     /// User `u`'s seen items are `seen_items[seen_offsets[u]..seen_offsets[u + 1]]`, sorted.
-    pub seen_offsets: Vec<u32>,
-    pub seen_items: Vec<u32>,
+    pub(crate) seen_offsets: Vec<u32>,
+    pub(crate) seen_items: Vec<u32>,
 }
 
 /// Training settings.
 #[derive(Debug, Clone, Copy)]
-pub struct AlsConfig {
-    pub dim: usize,
-    pub iterations: usize,
-    pub regularization: f32,
+pub(crate) struct AlsConfig {
+    pub(crate) dim: usize,
+    pub(crate) iterations: usize,
+    pub(crate) regularization: f32,
     /// Confidence of an observed rating: `1 + alpha * rating`.
-    pub alpha: f32,
-    pub threads: usize,
-    pub seed: u64,
+    pub(crate) alpha: f32,
+    pub(crate) threads: usize,
+    pub(crate) seed: u64,
 }
 
 /// Solves `a x = b` for a symmetric positive definite `a` (`n × n`,
@@ -115,7 +115,7 @@ fn update(solve: &mut [f32], other: &[f32], rows: &[Vec<(u32, f32)>], cfg: &AlsC
 }
 
 /// Trains the model on `split.train`; `progress` is called after each iteration.
-pub fn train(split: &Split, cfg: &AlsConfig, mut progress: impl FnMut(usize)) -> MfModel {
+pub(crate) fn train(split: &Split, cfg: &AlsConfig, mut progress: impl FnMut(usize)) -> MfModel {
     let (n_users, n_items, k) = (split.train.n_users, split.train.n_items, cfg.dim);
     let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_users];
     let mut by_item: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_items];
@@ -159,7 +159,7 @@ pub fn train(split: &Split, cfg: &AlsConfig, mut progress: impl FnMut(usize)) ->
 
 /// The `top_n` highest-scoring items `user` has not seen, best first (ties:
 /// lower item id). Runs in a worker, reading the model in place.
-pub fn recommend(model: &ArchivedMfModel, (user, top_n): (u32, u32)) -> Vec<(u32, f32)> {
+pub(crate) fn recommend(model: &ArchivedMfModel, (user, top_n): (u32, u32)) -> Vec<(u32, f32)> {
     let k = model.dim.to_native() as usize;
     let u = user as usize;
     let factors = &model.user_factors[u * k..][..k];

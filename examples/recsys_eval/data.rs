@@ -8,14 +8,14 @@ use std::path::Path;
 /// A small, fast, seedable generator (SplitMix64), so the data set is the
 /// same on every machine and every run for a given seed.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -24,51 +24,51 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let u1 = self.uniform().max(1e-300);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
     /// Uniform in 0..n.
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.uniform() * n as f64) as usize % n.max(1)
     }
 }
 
 /// Ratings with dense user and item indices.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Ratings {
-    pub n_users: usize,
-    pub n_items: usize,
+pub(crate) struct Ratings {
+    pub(crate) n_users: usize,
+    pub(crate) n_items: usize,
     /// `(user, item, rating)`.
-    pub triples: Vec<(u32, u32, f32)>,
+    pub(crate) triples: Vec<(u32, u32, f32)>,
 }
 
 /// Shapes of the MovieLens data sets the synthetic generator imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shape {
-    pub users: usize,
-    pub items: usize,
-    pub ratings: usize,
+pub(crate) struct Shape {
+    pub(crate) users: usize,
+    pub(crate) items: usize,
+    pub(crate) ratings: usize,
 }
 
-pub const ML_100K: Shape = Shape {
+pub(crate) const ML_100K: Shape = Shape {
     users: 943,
     items: 1_682,
     ratings: 100_000,
 };
-pub const ML_1M: Shape = Shape {
+pub(crate) const ML_1M: Shape = Shape {
     users: 6_040,
     items: 3_706,
     ratings: 1_000_209,
 };
-pub const ML_10M: Shape = Shape {
+pub(crate) const ML_10M: Shape = Shape {
     users: 69_878,
     items: 10_677,
     ratings: 10_000_054,
@@ -78,7 +78,7 @@ pub const ML_10M: Shape = Shape {
 /// (Zipf-like), a heavy-tailed number of ratings per user (at least 20, as
 /// in MovieLens), and latent user/item factors that drive both which items a
 /// user rates and how, so a factor model has real structure to find.
-pub fn synthetic(shape: Shape, seed: u64) -> Ratings {
+pub(crate) fn synthetic(shape: Shape, seed: u64) -> Ratings {
     let mut rng = Rng::new(seed);
     let dim = 8;
     let users: Vec<f64> = (0..shape.users * dim).map(|_| rng.normal()).collect();
@@ -147,10 +147,10 @@ pub fn synthetic(shape: Shape, seed: u64) -> Ratings {
 
 /// A line of a ratings file that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
+pub(crate) struct ParseError {
     /// 1-based line number.
-    pub line: usize,
-    pub message: String,
+    pub(crate) line: usize,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ParseError {
@@ -165,7 +165,7 @@ impl std::error::Error for ParseError {}
 /// timestamp`), `ratings.dat` (`::`-separated) or `ratings.csv` (with a
 /// `userId,movieId,rating,timestamp` header). Ids become dense indices in
 /// order of first appearance.
-pub fn parse_movielens(text: &str) -> Result<Ratings, ParseError> {
+pub(crate) fn parse_movielens(text: &str) -> Result<Ratings, ParseError> {
     let mut users: HashMap<u64, u32> = HashMap::new();
     let mut items: HashMap<u64, u32> = HashMap::new();
     let mut triples = Vec::new();
@@ -231,7 +231,7 @@ pub fn parse_movielens(text: &str) -> Result<Ratings, ParseError> {
 }
 
 /// Reads a MovieLens ratings file; see [`parse_movielens`].
-pub fn read_movielens(path: &Path) -> Result<Ratings, Box<dyn std::error::Error>> {
+pub(crate) fn read_movielens(path: &Path) -> Result<Ratings, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse_movielens(&text).map_err(|e| format!("{}: {e}", path.display()).into())
@@ -241,13 +241,13 @@ pub fn read_movielens(path: &Path) -> Result<Ratings, Box<dyn std::error::Error>
 /// `fraction` of them (at least one) to the test set, chosen by a seeded
 /// shuffle; the rest is training data.
 #[derive(Debug, Clone)]
-pub struct Split {
-    pub train: Ratings,
+pub(crate) struct Split {
+    pub(crate) train: Ratings,
     /// Held-out items per user (empty for users without a test set).
-    pub test: Vec<Vec<u32>>,
+    pub(crate) test: Vec<Vec<u32>>,
 }
 
-pub fn holdout(ratings: &Ratings, fraction: f64, seed: u64) -> Split {
+pub(crate) fn holdout(ratings: &Ratings, fraction: f64, seed: u64) -> Split {
     let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); ratings.n_users];
     for &(u, i, r) in &ratings.triples {
         by_user[u as usize].push((i, r));

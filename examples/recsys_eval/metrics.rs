@@ -2,15 +2,15 @@
 
 /// Metrics of one ranked list against the relevant items (sorted).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Scores {
-    pub ndcg: f64,
-    pub recall: f64,
-    pub precision: f64,
-    pub reciprocal_rank: f64,
+pub(crate) struct Scores {
+    pub(crate) ndcg: f64,
+    pub(crate) recall: f64,
+    pub(crate) precision: f64,
+    pub(crate) reciprocal_rank: f64,
 }
 
 /// Scores the first `k` items of `ranked` against `relevant` (sorted ids).
-pub fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
+pub(crate) fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
     if relevant.is_empty() || k == 0 {
         return Scores::default();
     }
@@ -37,7 +37,7 @@ pub fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
 }
 
 /// The mean of per-user scores.
-pub fn mean(scores: &[Scores]) -> Scores {
+pub(crate) fn mean(scores: &[Scores]) -> Scores {
     let n = scores.len().max(1) as f64;
     let mut m = Scores::default();
     for s in scores {
@@ -50,7 +50,7 @@ pub fn mean(scores: &[Scores]) -> Scores {
 }
 
 /// Items by how many training ratings they have, most first (ties: lower id).
-pub fn popularity_order(n_items: usize, train: &[(u32, u32, f32)]) -> Vec<u32> {
+pub(crate) fn popularity_order(n_items: usize, train: &[(u32, u32, f32)]) -> Vec<u32> {
     let mut counts = vec![0u32; n_items];
     for &(_, item, _) in train {
         counts[item as usize] += 1;
@@ -61,7 +61,7 @@ pub fn popularity_order(n_items: usize, train: &[(u32, u32, f32)]) -> Vec<u32> {
 }
 
 /// The `n` most popular items the user has not seen (`seen` sorted).
-pub fn popular_unseen(order: &[u32], seen: &[u32], n: usize) -> Vec<u32> {
+pub(crate) fn popular_unseen(order: &[u32], seen: &[u32], n: usize) -> Vec<u32> {
     order
         .iter()
         .copied()

@@ -51,7 +51,7 @@ impl Ledger {
     /// runs again later. With no task running, none is blamed: the batch it
     /// was to run next (the only one it could have been reading) runs again
     /// in halves, and only a task alone in its batch counts such deaths.
-    pub fn after_death(
+    pub(super) fn after_death(
         &mut self,
         held: VecDeque<Batch>,
         last: LastWords,

@@ -71,7 +71,7 @@ pub(crate) struct Policy {
 impl PoolSpec {
     /// A pool of `n_jobs` workers that run `runner` over the user's
     /// function at `user_fn`, both in this executable.
-    pub fn new(
+    pub(crate) fn new(
         method: StartMethod,
         n_jobs: usize,
         model: Option<OwnedFd>,

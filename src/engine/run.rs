@@ -114,7 +114,7 @@ where
 {
     /// A run over `workers` whose first task has index `first_index` (0 for
     /// a `map`).
-    pub fn new(
+    pub(crate) fn new(
         workers: &'p mut Workers,
         sizer: &'p mut BatchSizer,
         input: I,
@@ -137,7 +137,7 @@ where
     }
 
     /// The next result, waiting for workers as needed.
-    pub fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
+    pub(crate) fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
         if self.stopped {
             return None;
         }

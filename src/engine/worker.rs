@@ -79,20 +79,20 @@ impl Outbox {
 
 impl Worker {
     #[inline]
-    pub fn has_output(&self) -> bool {
+    pub(super) fn has_output(&self) -> bool {
         self.out.has_output()
     }
 
     /// Sends as much pending output as the pipe takes without blocking.
     #[inline]
-    pub fn flush(&mut self) -> std::io::Result<()> {
+    pub(super) fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush(self.link.write.as_raw_fd())
     }
 
     /// Queues `batch` for the worker, through the arena if it is large and
     /// finds room there, else as a BATCH frame.
     #[inline]
-    pub fn send_batch(&mut self, batch: &mut Batch, root_seed: u64) {
+    pub(super) fn send_batch(&mut self, batch: &mut Batch, root_seed: u64) {
         let len = BATCH_HEADER + batch.items.len();
         batch.in_arena = false;
         if let Some(page) = self.status.as_mut().filter(|_| len >= ARENA_MIN_BYTES)
@@ -116,7 +116,7 @@ impl Worker {
     }
 
     /// Kills the worker and waits for how it ended.
-    pub fn kill_and_reap(&mut self) -> Option<launch::Ended> {
+    pub(super) fn kill_and_reap(&mut self) -> Option<launch::Ended> {
         self.reaper.kill(self.pid, libc::SIGKILL);
         self.reaper.wait(self.pid, EXIT_STATUS_TIMEOUT)
     }

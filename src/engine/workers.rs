@@ -28,7 +28,7 @@ impl Workers {
     /// an isolated call, whose task is known before the process exists.
     /// `arg` is encoded once, in place, behind the setup frame; if it cannot
     /// be sent, no process is started and its failure is returned.
-    pub fn start_with_task<A: Serialize>(
+    pub(crate) fn start_with_task<A: Serialize>(
         spec: PoolSpec,
         index: u64,
         root_seed: u64,
@@ -66,7 +66,7 @@ impl Workers {
     }
 
     /// Starts `spec.n_jobs` workers and completes their handshakes.
-    pub fn start(spec: PoolSpec) -> Result<Workers, PoolError> {
+    pub(crate) fn start(spec: PoolSpec) -> Result<Workers, PoolError> {
         let mut pool = Workers {
             spec,
             workers: Vec::new(),
@@ -136,14 +136,14 @@ impl Workers {
     }
 
     /// The process ids of the running workers.
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         self.workers.iter().map(|w| w.pid).collect()
     }
 
     /// Lets every worker go without waiting: closing its link ends it (it
     /// exits at end of file). For a worker that has nothing more to say,
     /// such as an isolated call's once its result is in.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         for worker in self.workers.drain(..) {
             let pid = worker.pid;
             worker.reaper.release_later(pid);
@@ -152,7 +152,7 @@ impl Workers {
 
     /// Stops every worker: asks each to exit, forwards the logs they still
     /// send, waits for them, and kills any that does not exit in time.
-    pub fn shutdown(&mut self) {
+    pub(crate) fn shutdown(&mut self) {
         let mut frame = Vec::new();
         frame::push_frame(&mut frame, to_worker::SHUTDOWN, &[]);
         for worker in &mut self.workers {

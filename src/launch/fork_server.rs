@@ -234,7 +234,7 @@ impl ForkServer {
     /// else by asking the server to fork one. Returns once the descriptors
     /// are sent, with the pid if it came from a spare; otherwise the worker
     /// reports its pid when ready, and a failed fork closes its link.
-    pub fn spawn(&self, new_worker: NewWorker<'_>) -> Result<Option<u32>, PoolError> {
+    pub(crate) fn spawn(&self, new_worker: NewWorker<'_>) -> Result<Option<u32>, PoolError> {
         let (label, link, status, model) = new_worker.into_parts();
         if !self.alive.load(Ordering::Acquire) {
             return Err(PoolError::protocol("the fork server ended"));
@@ -274,7 +274,7 @@ impl ForkServer {
     }
 
     /// Says nobody will wait for how `pid` ended, so its report is dropped.
-    pub fn forget(&self, pid: u32) {
+    pub(crate) fn forget(&self, pid: u32) {
         let mut exits = lock(&self.exits);
         if exits.remove(&pid).is_none() {
             lock(&self.forgotten).insert(pid);
@@ -282,12 +282,12 @@ impl ForkServer {
     }
 
     /// Signals a worker the server has not reaped yet.
-    pub fn kill(&self, pid: u32, signal: i32) {
+    pub(crate) fn kill(&self, pid: u32, signal: i32) {
         let _ = self.send(&ForkServerRequest::Kill { pid, signal }, &[]);
     }
 
     /// Waits up to `timeout` for the server to report how `pid` ended.
-    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<Ended> {
+    pub(crate) fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<Ended> {
         let deadline = Instant::now() + timeout;
         let mut exits = lock(&self.exits);
         loop {

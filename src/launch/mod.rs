@@ -131,14 +131,14 @@ impl StatusPage {
     }
 
     /// The shared words.
-    pub fn words(&self) -> &procpool_worker::wire::region::StatusWords {
+    pub(crate) fn words(&self) -> &procpool_worker::wire::region::StatusWords {
         // SAFETY: the mapping is page-aligned, at least a page long, and
         // outlives the borrow; both processes use it through atomics only.
         unsafe { &*(self.map.as_ptr() as *const procpool_worker::wire::region::StatusWords) }
     }
 
     /// Bytes in each half of the arena (0: no arena).
-    pub fn arena_half(&self) -> usize {
+    pub(crate) fn arena_half(&self) -> usize {
         self.arena_half
     }
 
@@ -147,7 +147,7 @@ impl StatusPage {
     /// The span must be one the worker is not reading: one the parent's
     /// ring handed out and has not released. Returns false, having written
     /// nothing, if the span is not inside the half.
-    pub fn write_batch(&mut self, offset: usize, parts: &[&[u8]]) -> bool {
+    pub(crate) fn write_batch(&mut self, offset: usize, parts: &[&[u8]]) -> bool {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if offset.saturating_add(total) > self.arena_half {
             return false;
@@ -170,7 +170,7 @@ impl StatusPage {
 
     /// The results body at the span a RESULTS_IN_ARENA frame names, if it
     /// is inside the worker's half.
-    pub fn results_span(&self, frame_body: &[u8]) -> Option<&[u8]> {
+    pub(crate) fn results_span(&self, frame_body: &[u8]) -> Option<&[u8]> {
         let (offset, len) =
             procpool_worker::wire::region::parse_span_frame_body(frame_body, self.arena_half)?;
         let at = procpool_worker::wire::region::from_worker_offset(self.arena_half) + offset;
@@ -199,7 +199,7 @@ pub(crate) struct TailWriter {
 
 impl StderrTail {
     /// A tail, and the writer the forwarding thread keeps until end of file.
-    pub fn new() -> (StderrTail, TailWriter) {
+    pub(crate) fn new() -> (StderrTail, TailWriter) {
         let (ended_tx, ended) = mpsc::channel();
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let writer = TailWriter {
@@ -212,7 +212,7 @@ impl StderrTail {
     /// The tail of a worker that has ended. Waits briefly for the forwarding
     /// thread to reach end of file: the pipe closes when the worker dies,
     /// unless a process it started still holds it open.
-    pub fn collect(&self) -> String {
+    pub(crate) fn collect(&self) -> String {
         let _ = self.ended.recv_timeout(Duration::from_millis(200));
         let bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&bytes).into_owned()
@@ -221,7 +221,7 @@ impl StderrTail {
 
 impl TailWriter {
     /// Keeps `data` as the newest part of the tail.
-    pub fn remember(&self, data: &[u8]) {
+    pub(crate) fn remember(&self, data: &[u8]) {
         let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         bytes.extend_from_slice(data);
         if bytes.len() > STDERR_TAIL {
@@ -249,7 +249,7 @@ impl Reaper {
     /// Lets go of a worker whose end nobody needs to hear about (it is
     /// exiting on its own): the fork server drops its report; a child of
     /// ours is still reaped, so none is left a zombie.
-    pub fn release(&mut self, pid: u32) {
+    pub(crate) fn release(&mut self, pid: u32) {
         match self {
             Reaper::ForkServer(server) => server.forget(pid),
             _ => {
@@ -262,7 +262,7 @@ impl Reaper {
     /// close: a child of ours is reaped off the caller's path (on a thread,
     /// or for a forked one, whose process must stay single-threaded, at a
     /// later fork).
-    pub fn release_later(self, pid: u32) {
+    pub(crate) fn release_later(self, pid: u32) {
         match self {
             Reaper::ForkServer(server) => server.forget(pid),
             Reaper::Forked => fork::reap_later(pid),
@@ -275,7 +275,7 @@ impl Reaper {
     }
 
     /// Sends `signal` to the worker if it has not been reaped yet.
-    pub fn kill(&mut self, pid: u32, signal: i32) {
+    pub(crate) fn kill(&mut self, pid: u32, signal: i32) {
         match self {
             Reaper::ForkServer(server) => server.kill(pid, signal),
             Reaper::Child { child, .. } => {
@@ -304,7 +304,7 @@ impl Reaper {
     }
 
     /// Waits up to `timeout` for the worker to end and returns how it did.
-    pub fn wait(&mut self, pid: u32, timeout: Duration) -> Option<Ended> {
+    pub(crate) fn wait(&mut self, pid: u32, timeout: Duration) -> Option<Ended> {
         let deadline = std::time::Instant::now() + timeout;
         let ended = |exit| {
             Some(Ended {
@@ -363,7 +363,7 @@ pub(crate) struct NewWorker<'a> {
 
 impl<'a> NewWorker<'a> {
     /// Its label, link, status page and model store.
-    pub fn into_parts(
+    pub(crate) fn into_parts(
         self,
     ) -> (
         &'a str,

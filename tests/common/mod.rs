@@ -5,27 +5,27 @@ use std::sync::{Mutex, OnceLock};
 
 /// A small model: a vector and an offset.
 #[derive(rkyv::Archive, rkyv::Serialize, Debug)]
-pub struct Small {
-    pub offset: u64,
-    pub values: Vec<f32>,
+pub(crate) struct Small {
+    pub(crate) offset: u64,
+    pub(crate) values: Vec<f32>,
 }
 
-pub fn small() -> Small {
+pub(crate) fn small() -> Small {
     Small {
         offset: 7,
         values: (0..100).map(|i| i as f32).collect(),
     }
 }
 
-pub fn add_offset(model: &ArchivedSmall, x: u64) -> u64 {
+pub(crate) fn add_offset(model: &ArchivedSmall, x: u64) -> u64 {
     x * 3 + model.offset.to_native() + model.values.len() as u64
 }
 
-pub fn add_offset_serial(x: u64) -> u64 {
+pub(crate) fn add_offset_serial(x: u64) -> u64 {
     x * 3 + 7 + 100
 }
 
-pub fn panic_on_13(model: &ArchivedSmall, x: u64) -> u64 {
+pub(crate) fn panic_on_13(model: &ArchivedSmall, x: u64) -> u64 {
     if x == 13 {
         panic!("thirteen is unlucky");
     }
@@ -47,12 +47,12 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 }
 
 /// The parent of process `pid`, from `/proc`; `None` once it is gone.
-pub fn parent_of(pid: u32) -> Option<u32> {
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 /// Every process id in `/proc`.
-pub fn all_pids() -> Vec<u32> {
+pub(crate) fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -61,7 +61,7 @@ pub fn all_pids() -> Vec<u32> {
 }
 
 /// The children of process `parent`.
-pub fn children_of(parent: u32) -> Vec<u32> {
+pub(crate) fn children_of(parent: u32) -> Vec<u32> {
     all_pids()
         .into_iter()
         .filter(|pid| parent_of(*pid) == Some(parent))
@@ -69,13 +69,13 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 }
 
 /// Whether process `pid` has exited: a zombie, or gone.
-pub fn has_exited(pid: u32) -> bool {
+pub(crate) fn has_exited(pid: u32) -> bool {
     stat_fields(pid).is_none_or(|fields| fields.first().is_some_and(|state| state == "Z"))
 }
 
 /// Waits up to 2 s for every process in `pids` to exit; fails the test,
 /// naming those still running and `after` what, if some do not.
-pub fn assert_all_exit(pids: &[u32], after: &str) {
+pub(crate) fn assert_all_exit(pids: &[u32], after: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while pids.iter().any(|&pid| !has_exited(pid)) {
         assert!(
@@ -89,12 +89,12 @@ pub fn assert_all_exit(pids: &[u32], after: &str) {
 
 /// One record a capturing logger saw.
 #[derive(Debug, Clone)]
-pub struct Captured {
-    pub level: log::Level,
-    pub target: String,
-    pub message: String,
-    pub worker: Option<u64>,
-    pub task: Option<u64>,
+pub(crate) struct Captured {
+    pub(crate) level: log::Level,
+    pub(crate) target: String,
+    pub(crate) message: String,
+    pub(crate) worker: Option<u64>,
+    pub(crate) task: Option<u64>,
 }
 
 struct Capture;
@@ -137,7 +137,7 @@ impl log::Log for Capture {
 }
 
 /// Installs the capturing logger (once) at `level` and returns its records so far.
-pub fn capture_logs(level: log::LevelFilter) {
+pub(crate) fn capture_logs(level: log::LevelFilter) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let _ = log::set_logger(&Capture);
@@ -145,13 +145,13 @@ pub fn capture_logs(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-pub fn take_logs() -> Vec<Captured> {
+pub(crate) fn take_logs() -> Vec<Captured> {
     std::mem::take(&mut *RECORDS.lock().unwrap())
 }
 
 /// Turns core dumps off for this process and the workers it starts, before
 /// tests that crash workers on purpose.
-pub fn no_core_dumps() {
+pub(crate) fn no_core_dumps() {
     let rlim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -353,11 +353,11 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
     let ctrl_fd = ctrl.as_raw_fd();
     // SAFETY: getpid has no preconditions.
     let server_pid = unsafe { libc::getpid() };
-    // SAFETY: signal-mask changes on a local set; SIGCHLD is then read from a
-    // signalfd instead of being delivered to a handler.
     // Inherited across `exec` from a parent that ignores SIGCHLD, it would
     // make the kernel reap workers at once and lose how they ended.
     sys::keep_child_exits();
+    // SAFETY: signal-mask changes on a local set; SIGCHLD is then read from a
+    // signalfd instead of being delivered to a handler.
     let sigfd = unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         let mut set: libc::sigset_t = std::mem::zeroed();

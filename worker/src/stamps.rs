@@ -171,7 +171,7 @@ mod ring {
         [const { [AtomicU64::new(0), AtomicU64::new(0)] }; CAPACITY];
 
     #[inline(always)]
-    pub fn record(step: Step) {
+    pub(super) fn record(step: Step) {
         let ns = crate::sys::monotonic_ns();
         // SAFETY: sched_getcpu takes no arguments.
         let cpu = unsafe { libc::sched_getcpu() };
@@ -183,7 +183,7 @@ mod ring {
         );
     }
 
-    pub fn take() -> Vec<Stamp> {
+    pub(super) fn take() -> Vec<Stamp> {
         let end = NEXT.swap(0, Ordering::Relaxed);
         (end.saturating_sub(CAPACITY)..end)
             .filter_map(|i| {
