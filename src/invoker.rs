@@ -19,7 +19,7 @@ pub type TaskFn<M, A, R> = fn(&<M as rkyv::Archive>::Archived, A) -> R;
 ///
 /// Use [`InvokerBuilder`] for the start method, the batch size or the seed.
 ///
-/// ```no_run
+/// ```
 /// #[derive(rkyv::Archive, rkyv::Serialize)]
 /// struct Model { weights: Vec<f32> }
 ///
@@ -55,7 +55,7 @@ where
 
 /// Configures an [`Invoker`], in the style of rayon's `ThreadPoolBuilder`.
 ///
-/// ```no_run
+/// ```
 /// # #[derive(rkyv::Archive, rkyv::Serialize)]
 /// # struct Model { weights: Vec<f32> }
 /// # fn score(_model: &ArchivedModel, _row: u32) -> f32 { 0.0 }

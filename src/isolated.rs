@@ -35,7 +35,7 @@ fn process_root_seed() -> Result<u64, TaskError> {
 /// call; its `log` records reach this process's logger. Use [`Isolated`] for
 /// a timeout, a memory limit or a fixed seed.
 ///
-/// ```no_run
+/// ```
 /// fn fragile(n: u64) -> u64 {
 ///     assert!(n < 10, "too big");
 ///     n * 2
@@ -55,7 +55,7 @@ where
 
 /// An isolated call with options; see [`run_sp`].
 ///
-/// ```no_run
+/// ```
 /// use std::time::Duration;
 ///
 /// fn work(n: u64) -> u64 { n + procpool::seed().unwrap_or(0) % 7 }

@@ -42,7 +42,7 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
 //! #[derive(rkyv::Archive, rkyv::Serialize)]
 //! struct Model { item_vectors: Vec<f32>, dim: u32 }
 //!
@@ -96,7 +96,7 @@ pub use store::{
 /// first pool. A failure here is reported again, as an error, by the first
 /// pool.
 ///
-/// ```no_run
+/// ```
 /// procpool::init(); // the first line of `main`
 /// ```
 pub fn init() {
