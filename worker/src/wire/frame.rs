@@ -49,7 +49,7 @@ pub struct FrameReader {
     start: usize,
 }
 
-/// What one read from the socket produced.
+/// What one read from the link produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
     /// Some bytes arrived (frames may now be available).
