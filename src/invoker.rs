@@ -4,7 +4,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::worker::task::{self, BatchRunner};
+use procpool_worker::worker::jobs::{self, BatchRunner};
+
+use crate::engine::JobSpec;
 
 use crate::error::PoolError;
 use crate::map::{Executor, MapOptions, executor_accessors, map_methods, map_options};
@@ -110,27 +112,16 @@ where
     pub fn build(self) -> Result<Invoker<M, A, R>, PoolError> {
         let model = procpool_worker::sys::dup_owned(&self.store.fd())
             .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
-        let runner = task::run_batch::<M::Archived, A, R> as BatchRunner;
-        let (store, user_fn) = (self.store.untyped(), self.func as usize);
+        let runner = jobs::map_with_model::<M::Archived, A, R> as BatchRunner;
+        let job = JobSpec::map(runner, self.func as usize);
+        let store = self.store.untyped();
         let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-            // SAFETY: `run_batch` is instantiated with the types of the
-            // function at `user_fn`, and the store's archive was validated
-            // as `M::Archived` and is immutable.
-            unsafe {
-                crate::map::run_here(
-                    (runner, user_fn),
-                    store.archive_bytes(),
-                    arg,
-                    (index, root_seed),
-                )
-            }
+            // SAFETY: `map_with_model` is instantiated with the types of the
+            // job's function, and the store's archive was validated as
+            // `M::Archived` and is immutable.
+            unsafe { crate::map::run_here(job, store.archive_bytes(), arg, (index, root_seed)) }
         });
-        let executor = Executor::start(
-            self.options,
-            (runner, self.func as usize),
-            Some(model),
-            in_process,
-        )?;
+        let executor = Executor::start(self.options, job, Some(model), in_process)?;
         Ok(Invoker {
             executor,
             _model: std::marker::PhantomData,

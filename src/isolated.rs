@@ -4,12 +4,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use procpool_worker::worker::task::{self, BatchRunner};
+use procpool_worker::worker::jobs::{self, BatchRunner};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::batching::BatchSizer;
-use crate::engine::{Policy, PoolSpec, Run, Workers};
+use crate::engine::{JobSpec, Policy, PoolSpec, Run, Workers};
 use crate::error::TaskError;
 use crate::launch::StartMethod;
 
@@ -136,20 +136,14 @@ where
         if self.timeout == Some(Duration::ZERO) {
             return Err(TaskError::pool(index, "timeout must be longer than zero"));
         }
-        let runner = task::run_isolated::<A, R> as BatchRunner;
+        let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.func as usize);
         let policy = Policy {
             task_timeout: self.timeout,
             memory_limit: self.memory_limit,
             max_tries: 1,
             replace_dead: false,
         };
-        let spec = PoolSpec::new(
-            self.start_method,
-            1,
-            None,
-            (runner, self.func as usize),
-            policy,
-        );
+        let spec = PoolSpec::new(self.start_method, 1, None, job, policy);
         let mut pool = Workers::start_with_task(spec, index, root_seed, arg)
             .map_err(|failure| TaskError::from_failure(index, failure))?
             .map_err(|e| TaskError::pool(index, format!("cannot start the process: {e}")))?;

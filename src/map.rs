@@ -8,10 +8,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use procpool_worker::wire::{MAX_BATCH_TASKS, split_item};
-use procpool_worker::worker::task::{BatchRunner, BatchView, capturing};
+use procpool_worker::worker::task::{BatchView, capturing};
 
 use crate::batching::BatchSizer;
-use crate::engine::{Policy, PoolSpec, Run, Workers};
+use crate::engine::{JobSpec, Policy, PoolSpec, Run, Workers};
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
 use crate::seed;
@@ -179,17 +179,17 @@ pub(crate) use executor_accessors;
 pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;
 
 /// Runs task `index` on `arg` here, through the same encode → run → decode
-/// path a worker uses, so results and errors are those of a pool: `runner`
-/// over `user_fn`, with the model `archive`.
+/// path a worker uses, so results and errors are those of a pool: the map
+/// `job`, with the model `archive`.
 ///
 /// # Safety
 ///
-/// As for calling `runner`: it must be monomorphised for the types of the
-/// function at `user_fn`, `A` and `R`, and `archive` must be what it expects
+/// As for calling the job's runner: it must be monomorphised for the types
+/// of the job's functions, `A` and `R`, and `archive` must be what it expects
 /// (a validated, immutable archive for a model's function, any bytes for a
 /// model-less one).
 pub(crate) unsafe fn run_here<A, R>(
-    (runner, user_fn): (BatchRunner, usize),
+    job: JobSpec,
     archive: &[u8],
     arg: A,
     (index, root_seed): (u64, u64),
@@ -211,8 +211,9 @@ where
         count: 1,
         items: &items,
     };
-    // SAFETY: the caller's promise about `runner`, `user_fn` and `archive`.
-    unsafe { runner(user_fn, archive, batch, &mut out) };
+    // SAFETY: the caller's promise about the job and `archive`; a map keeps
+    // no state.
+    unsafe { (job.runner)(job.fns, &mut None, archive, batch, &mut out) };
     let mut outcomes = &out[..];
     match split_item(&mut outcomes) {
         Some(item) => capturing(|| crate::engine::decode_outcome(index, item)),
@@ -241,12 +242,11 @@ where
     A: Serialize + DeserializeOwned + 'static,
     R: Serialize + DeserializeOwned + 'static,
 {
-    /// Checks `options` and starts the workers that run `runner` (a batch
-    /// runner monomorphised for the task's types) over `user_fn`, with
+    /// Checks `options` and starts the workers that run `job`, with
     /// `model` mapped; `in_process` runs a task here when `n_jobs = 1`.
     pub(crate) fn start(
         options: MapOptions,
-        (runner, user_fn): (BatchRunner, usize),
+        job: JobSpec,
         model: Option<std::os::fd::OwnedFd>,
         in_process: InProcess<A, R>,
     ) -> Result<Self, PoolError> {
@@ -287,7 +287,7 @@ where
                 options.start_method,
                 n_jobs,
                 model,
-                (runner, user_fn),
+                job,
                 policy,
             ))?)
         };

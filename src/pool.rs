@@ -5,7 +5,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::worker::task::{self, BatchRunner};
+use procpool_worker::worker::jobs::{self, BatchRunner};
+
+use crate::engine::JobSpec;
 
 use crate::error::PoolError;
 use crate::map::{Executor, MapOptions, executor_accessors, map_methods, map_options};
@@ -97,14 +99,13 @@ where
     /// 16,777,216 (2^24) tasks, `PROCPOOL_SEED` or `PROCPOOL_NUM_PROCS` is
     /// malformed, or the workers cannot be started.
     pub fn build(self) -> Result<Pool<A, R>, PoolError> {
-        let runner = task::run_isolated::<A, R> as BatchRunner;
-        let func = self.func;
+        let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.func as usize);
         let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-            // SAFETY: `run_isolated` is instantiated with the types of
-            // `func`, which takes no model.
-            unsafe { crate::map::run_here((runner, func as usize), &[], arg, (index, root_seed)) }
+            // SAFETY: `map` is instantiated with the types of the job's
+            // function, which takes no model.
+            unsafe { crate::map::run_here(job, &[], arg, (index, root_seed)) }
         });
-        let executor = Executor::start(self.options, (runner, func as usize), None, in_process)?;
+        let executor = Executor::start(self.options, job, None, in_process)?;
         Ok(Pool { executor })
     }
 }

@@ -27,11 +27,14 @@ mod run;
 mod worker;
 mod workers;
 
+#[cfg(test)]
+mod tests;
+
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use procpool_worker::wire::Setup;
-use procpool_worker::worker::task::BatchRunner;
+use procpool_worker::wire::{Job, JobKind, Setup};
+use procpool_worker::worker::jobs::{BatchRunner, JobFns};
 
 use crate::launch::StartMethod;
 
@@ -55,6 +58,37 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a timed-out worker has between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_millis(500);
 
+/// What a pool's workers run: a kind of job, the runner monomorphised for
+/// the user's types, and the user's functions, all in this executable.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JobSpec {
+    pub(crate) kind: JobKind,
+    pub(crate) runner: BatchRunner,
+    pub(crate) fns: JobFns,
+}
+
+impl JobSpec {
+    /// A map: `runner` calls the function at `task` once per task.
+    pub(crate) fn map(runner: BatchRunner, task: usize) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Map,
+            runner,
+            fns: JobFns { task, helper: 0 },
+        }
+    }
+
+    /// As the worker's setup names it: offsets, not addresses.
+    fn to_wire(self) -> Job {
+        use procpool_worker::fnref::offset_of;
+        Job {
+            kind: self.kind,
+            runner: offset_of(self.runner as usize),
+            task: offset_of(self.fns.task),
+            helper: (self.fns.helper != 0).then(|| offset_of(self.fns.helper)),
+        }
+    }
+}
+
 /// How a pool treats its tasks and workers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy {
@@ -69,20 +103,18 @@ pub(crate) struct Policy {
 }
 
 impl PoolSpec {
-    /// A pool of `n_jobs` workers that run `runner` over the user's
-    /// function at `user_fn`, both in this executable.
+    /// A pool of `n_jobs` workers that run `job`.
     pub(crate) fn new(
         method: StartMethod,
         n_jobs: usize,
         model: Option<OwnedFd>,
-        (runner, user_fn): (BatchRunner, usize),
+        job: JobSpec,
         policy: Policy,
     ) -> PoolSpec {
         let setup = Setup {
             fingerprint: procpool_worker::fnref::fingerprint(),
             worker_id: 0,
-            batch_runner: procpool_worker::fnref::offset_of(runner as usize),
-            user_fn: procpool_worker::fnref::offset_of(user_fn),
+            job: job.to_wire(),
             max_log_level: procpool_worker::wire::level_filter_to_wire(log::max_level()),
             env: crate::config::worker_env(n_jobs),
             memory_limit: policy.memory_limit,

@@ -305,3 +305,36 @@ pub(crate) fn decode_outcome<R: DeserializeOwned>(index: u64, item: &[u8]) -> Re
         Err(panic) => Err(TaskError::from_failure(index, panic)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_come_in_input_order_whatever_order_they_arrive_in() {
+        let mut results = Results::<u64>::new(true, 10);
+        // A retried task (11) comes last; 13 arrives before 12.
+        for index in [10, 13, 12, 14] {
+            results.put(index, Ok(index));
+        }
+        assert_eq!(results.take().map(|(i, _)| i), Some(10));
+        assert!(results.take().is_none(), "11 is not back yet");
+        results.put(11, Err(TaskError::pool(11, "failed")));
+        let order: Vec<u64> = std::iter::from_fn(|| results.take())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(order, [11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn unordered_results_come_as_they_arrive() {
+        let mut results = Results::<u64>::new(false, 0);
+        for index in [3, 1, 2] {
+            results.put(index, Ok(index * 10));
+        }
+        let got: Vec<(u64, u64)> = std::iter::from_fn(|| results.take())
+            .map(|(i, r)| (i, r.unwrap()))
+            .collect();
+        assert_eq!(got, [(3, 30), (1, 10), (2, 20)]);
+    }
+}

@@ -160,3 +160,45 @@ pub fn send_all(fd: RawFd, bytes: &[u8]) -> io::Result<()> {
     stamp(Step::WriteDone);
     sent
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn frames_come_whole_however_the_bytes_arrive() {
+        let mut stream = Vec::new();
+        push_frame(&mut stream, 7, b"first");
+        push_frame(&mut stream, 8, &[5u8; 70_000]);
+        push_frame(&mut stream, 9, b"");
+        // Each piece fits in a pipe: it is drained before the next is written.
+        for piece in [1, 2, 3, 5, 4096, 60_000] {
+            let (read, write) = sys::pipe().unwrap();
+            sys::set_nonblocking(read.as_raw_fd(), true).unwrap();
+            let mut reader = FrameReader::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(piece) {
+                sys::write_all(write.as_raw_fd(), chunk).unwrap();
+                // Drain what is there; a frame is given only once whole.
+                while reader.fill(read.as_raw_fd()).unwrap() == ReadStatus::Data {}
+                while let Some((tag, body)) = reader.next_frame().unwrap() {
+                    got.push((tag, body.len()));
+                }
+            }
+            assert_eq!(got, [(7, 5), (8, 70_000), (9, 0)], "pieces of {piece}");
+            drop(write);
+            assert_eq!(reader.fill(read.as_raw_fd()).unwrap(), ReadStatus::Closed);
+        }
+    }
+
+    #[test]
+    fn a_bad_length_is_an_error_not_a_wait() {
+        let mut reader = FrameReader::default();
+        let (read, write) = sys::pipe().unwrap();
+        sys::write_all(write.as_raw_fd(), &[0, 0, 0, 0, 1]).unwrap();
+        reader.fill(read.as_raw_fd()).unwrap();
+        assert!(reader.has_frame(), "nothing more to wait for");
+        assert!(reader.next_frame().is_err());
+    }
+}

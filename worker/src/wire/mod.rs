@@ -381,6 +381,34 @@ pub struct Ready {
     pub fingerprint: u64,
 }
 
+/// The kinds of job a worker runs (see [`crate::worker::jobs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    /// One call per task, one outcome each (with a model or without).
+    Map,
+    /// One call per task, the results folded in the worker by a reducer;
+    /// the batch sends one partial result.
+    MapReduce,
+    /// `init` once in the worker, then `step` on every item in order, the
+    /// state kept in the worker.
+    Stateful,
+}
+
+/// What a worker runs: functions named by their offsets (see
+/// [`crate::fnref`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    /// Which kind of job.
+    pub kind: JobKind,
+    /// The batch runner monomorphised for the user's types.
+    pub runner: i64,
+    /// The function each task calls: a map's, a map-reduce's mapper, a
+    /// stateful stage's `step`.
+    pub task: i64,
+    /// A map-reduce's reducer or a stateful stage's `init`.
+    pub helper: Option<i64>,
+}
+
 /// Everything a worker needs to run tasks: the first frame on its link,
 /// written by the parent before the worker starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -390,10 +418,8 @@ pub struct Setup {
     pub fingerprint: u64,
     /// The worker's number in its pool, for logs.
     pub worker_id: u32,
-    /// Offset of the monomorphised batch runner (see [`crate::fnref`]).
-    pub batch_runner: i64,
-    /// Offset of the user's function.
-    pub user_fn: i64,
+    /// What the worker runs.
+    pub job: Job,
     /// The most verbose log level the parent wants (`log::LevelFilter` as usize).
     pub max_log_level: u8,
     /// Environment variables to set before any user code runs.

@@ -3,6 +3,7 @@
 //! `catch_unwind` ([`task`]), its link to the parent ([`link`]), forwarding
 //! `log` records ([`log_forward`]) and its status page ([`status`]).
 
+pub mod jobs;
 pub mod link;
 pub mod log_forward;
 pub mod status;
@@ -21,7 +22,8 @@ use crate::wire::{
     BatchHeader, NUM_PROCS_ENV, RESULTS_HEADER, Ready, ResultsHeader, Setup, THREAD_ENV_VARS,
     from_worker, level_filter_from_wire, to_worker,
 };
-use crate::worker::task::{BatchRunner, BatchView};
+use crate::worker::jobs::{BatchRunner, JobFns, JobState};
+use crate::worker::task::BatchView;
 
 fn fatal(message: String) -> ! {
     if let Ok(body) = postcard::to_allocvec(&message) {
@@ -214,8 +216,13 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
     // SAFETY: the parent computed this offset from a `BatchRunner` in the
     // same executable image, which the fingerprint exchanged above confirmed.
     let runner =
-        unsafe { std::mem::transmute::<usize, BatchRunner>(fnref::address_of(setup.batch_runner)) };
-    let user_fn = fnref::address_of(setup.user_fn);
+        unsafe { std::mem::transmute::<usize, BatchRunner>(fnref::address_of(setup.job.runner)) };
+    let fns = JobFns {
+        task: fnref::address_of(setup.job.task),
+        helper: setup.job.helper.map_or(0, fnref::address_of),
+    };
+    // A stateful stage's state, from its first batch to the worker's end.
+    let mut state: JobState = None;
     let ready = Ready {
         pid: std::process::id(),
         fingerprint,
@@ -270,7 +277,7 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
         // SAFETY: `runner` was monomorphised for the user's function type,
         // and the parent validated `archive`, which is immutable (see
         // `map_model`).
-        unsafe { runner(user_fn, archive, batch, &mut out) };
+        unsafe { runner(fns, &mut state, archive, batch, &mut out) };
         crate::worker::status::idle();
         results.elapsed_ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         out[header_at..header_at + RESULTS_HEADER].copy_from_slice(&results.encode());

@@ -33,10 +33,6 @@ pub struct BatchView<'a> {
     pub items: &'a [u8],
 }
 
-/// Type-erased entry point of a monomorphised [`run_batch`].
-pub type BatchRunner =
-    unsafe fn(user_fn: usize, archive: &[u8], batch: BatchView<'_>, out: &mut Vec<u8>);
-
 /// Checks that `archive` holds a valid `T` (rkyv's structural validation).
 pub fn validate_archive<T>(archive: &[u8]) -> Result<(), String>
 where
@@ -45,52 +41,6 @@ where
     rkyv::access::<T, rancor::Error>(archive)
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-/// Runs the tasks of `batch` through the user's function and appends one
-/// postcard `Result<R, TaskFailure>` per task to `out`.
-///
-/// # Safety
-///
-/// `user_fn` must be the address of a `fn(&T, A) -> R` with exactly these type
-/// parameters, and `archive` must hold a `T` that [`validate_archive::<T>`]
-/// accepted and that nobody can modify while it is borrowed.
-pub unsafe fn run_batch<T, A, R>(
-    user_fn: usize,
-    archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
-    T: Portable,
-    A: DeserializeOwned,
-    R: Serialize,
-{
-    // SAFETY: the caller promises `user_fn` is a `fn(&T, A) -> R`.
-    let func: fn(&T, A) -> R = unsafe { std::mem::transmute::<usize, fn(&T, A) -> R>(user_fn) };
-    // SAFETY: the caller promises the archive was validated as a `T` and is immutable.
-    let model: &T = unsafe { rkyv::access_unchecked::<T>(archive) };
-    run_items(batch, out, |arg| func(model, arg));
-}
-
-/// Runs the tasks of `batch` through a model-less `fn(A) -> R` (an isolated
-/// call), like [`run_batch`].
-///
-/// # Safety
-///
-/// `user_fn` must be the address of a `fn(A) -> R` with exactly these type
-/// parameters.
-pub unsafe fn run_isolated<A, R>(
-    user_fn: usize,
-    _archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
-    A: DeserializeOwned,
-    R: Serialize,
-{
-    // SAFETY: the caller promises `user_fn` is a `fn(A) -> R`.
-    let func: fn(A) -> R = unsafe { std::mem::transmute::<usize, fn(A) -> R>(user_fn) };
-    run_items(batch, out, func);
 }
 
 /// Runs each task of `batch` through `call` and appends each outcome to
@@ -102,7 +52,7 @@ pub unsafe fn run_isolated<A, R>(
 /// tasks of the batch are untouched. The task counts as started (in the
 /// status page) before its argument is decoded, so a worker that dies while
 /// decoding names that task, not another.
-fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, call: impl Fn(A) -> R)
+pub(crate) fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, mut call: impl FnMut(A) -> R)
 where
     A: DeserializeOwned,
     R: Serialize,
@@ -123,15 +73,11 @@ where
             // items; nothing after this point can be found.
             let failure =
                 format!("malformed batch: task {index} (item {i} of {count}) is not a whole item");
-            for j in i..count {
-                let outcome: Result<(), TaskFailure> =
-                    Err(TaskFailure::BadArgument(failure.clone()));
-                encode_outcome(&outcome, out, base, (count - j - 1) as usize, &mut large);
-            }
+            fail_from(i, count, TaskFailure::BadArgument(failure), out, base);
             break;
         };
         run_one(
-            &call,
+            &mut call,
             item,
             (index, batch.root_seed),
             out,
@@ -143,9 +89,35 @@ where
     CAPTURE.with(|c| c.set(was_capturing));
 }
 
+/// Fails every task of `batch` with `failure`, as its outcomes in `out`.
+pub(crate) fn fail_all(batch: BatchView<'_>, out: &mut Vec<u8>, failure: TaskFailure) {
+    let base = out.len();
+    fail_from(0, u64::from(batch.count), failure, out, base);
+}
+
+/// Appends `failure` as the outcome of tasks `first..count` of a batch
+/// whose outcomes start at `base` in `out`.
+fn fail_from(first: u64, count: u64, failure: TaskFailure, out: &mut Vec<u8>, base: usize) {
+    let outcome: Result<(), TaskFailure> = Err(failure);
+    for j in first..count {
+        encode_outcome(&outcome, out, base, (count - j - 1) as usize, &mut false);
+    }
+}
+
+/// Appends a map-reduce batch's partial result after its outcomes: one
+/// more item, within what one message carries.
+pub(crate) fn push_partial<R: Serialize>(
+    partial: &Result<Option<R>, TaskFailure>,
+    out: &mut Vec<u8>,
+) {
+    // Measured from the start of `out`, which holds the frame and results
+    // headers too: a little less room than a message has, never more.
+    encode_outcome_within(partial, out, (0, 0, MAX_RESULTS_BYTES), &mut true);
+}
+
 /// Runs one task whose encoded argument is `item` and appends its outcome.
 fn run_one<A, R>(
-    call: &impl Fn(A) -> R,
+    call: &mut impl FnMut(A) -> R,
     item: &[u8],
     (index, root_seed): (u64, u64),
     out: &mut Vec<u8>,
