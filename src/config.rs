@@ -6,10 +6,18 @@ use crate::error::ConfigError;
 
 /// The environment variable that sets process counts: `"8"`, or `"8,2"` for
 /// 8 processes at level 0 and 2 in each of them at level 1.
+///
+/// ```
+/// assert_eq!(procpool::NUM_PROCS_ENV, "PROCPOOL_NUM_PROCS");
+/// ```
 pub const NUM_PROCS_ENV: &str = procpool_worker::wire::NUM_PROCS_ENV;
 
 /// Thread-count variables of common native libraries (and rayon) that
 /// workers get set to their share of the CPUs, unless already set.
+///
+/// ```
+/// assert!(procpool::THREAD_ENV_VARS.contains(&"OMP_NUM_THREADS"));
+/// ```
 pub const THREAD_ENV_VARS: [&str; 4] = procpool_worker::wire::THREAD_ENV_VARS;
 
 /// How many processes to use at nesting `level` (0 = the outermost pool).
@@ -104,6 +112,11 @@ fn parse_counts(value: &str) -> Result<Vec<usize>, ConfigError> {
 
 /// The CPUs this process may really use: its affinity mask, lowered by a
 /// cgroup (v2 `cpu.max` or v1 `cpu.cfs_quota_us`) CPU quota, at least 1.
+///
+/// ```
+/// let cpus = procpool::available_cpus();
+/// assert!(cpus >= 1 && cpus <= std::thread::available_parallelism().map_or(1024, |n| n.get()));
+/// ```
 pub fn available_cpus() -> usize {
     let affinity = affinity_cpus()
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -14,6 +14,18 @@ use crate::store::{ArchivedModel, ModelStore};
 
 /// The function an invoker applies: a plain `fn` (or a closure that captures
 /// nothing) taking the archived model and one argument.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// fn score(model: &ArchivedModel, row: u32) -> f32 {
+///     model.weights[row as usize].to_native() * 2.0
+/// }
+/// let func: procpool::TaskFn<Model, u32, f32> = score;
+/// # let _ = func;
+/// ```
 pub type TaskFn<M, A, R> = fn(&<M as rkyv::Archive>::Archived, A) -> R;
 
 /// Creates an invoker that applies `func` to `store`'s model and each
@@ -92,6 +104,20 @@ where
     R: Serialize + DeserializeOwned + 'static,
 {
     /// Starts a configuration for `func` over `store`'s model.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// fn score(model: &ArchivedModel, row: u32) -> f32 {
+    ///     model.weights[row as usize].to_native() * 2.0
+    /// }
+    /// let store = procpool::persist(&Model { weights: vec![1.0, 2.0] })?;
+    /// let builder = procpool::InvokerBuilder::new(&store, score).n_jobs(2);
+    /// # let _ = builder;
+    /// # Ok::<(), procpool::StoreError>(())
+    /// ```
     pub fn new(store: &ModelStore<M>, func: TaskFn<M, A, R>) -> Self {
         InvokerBuilder {
             store: store.clone(),
@@ -109,6 +135,22 @@ where
     /// Fails if `n_jobs` or `chunk_size` is 0, `chunk_size` is over
     /// 16,777,216 (2^24) tasks, `PROCPOOL_SEED` or
     /// `PROCPOOL_NUM_PROCS` is malformed, or the workers cannot be started.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// fn score(model: &ArchivedModel, row: u32) -> f32 {
+    ///     model.weights[row as usize].to_native() * 2.0
+    /// }
+    /// let store = procpool::persist(&Model { weights: vec![1.0, 2.0] })?;
+    /// let mut invoker = procpool::InvokerBuilder::new(&store, score).n_jobs(2).build()?;
+    /// assert_eq!(invoker.worker_pids().len(), 2);
+    /// let scores: Vec<f32> = invoker.map(0..2u32).map(Result::unwrap).collect();
+    /// assert_eq!(scores, [2.0, 4.0]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn build(self) -> Result<Invoker<M, A, R>, PoolError> {
         let model = procpool_worker::sys::dup_owned(&self.store.fd())
             .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
@@ -132,6 +174,26 @@ where
 /// Applies a function to a shared model over streams of arguments. Made by
 /// [`invoker`] or [`InvokerBuilder`]; reusable for any number of maps; stops
 /// its workers on [`shutdown`](Invoker::shutdown) or drop.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// fn score(model: &ArchivedModel, row: u32) -> f32 {
+///     model.weights[row as usize].to_native() * 2.0
+/// }
+/// let store = procpool::persist(&Model { weights: vec![1.0, 2.0, 3.0] })?;
+/// let mut invoker = procpool::invoker(&store, score, 2)?;
+/// // Reusable: each map starts where the workers are.
+/// assert_eq!(invoker.map([0u32]).next().unwrap()?, 2.0);
+/// let mut done: Vec<(usize, f32)> =
+///     invoker.map_unordered([1u32, 2]).map(|(i, r)| (i, r.unwrap())).collect();
+/// done.sort_by_key(|&(i, _)| i);
+/// assert_eq!(done, [(0, 4.0), (1, 6.0)]);
+/// invoker.shutdown();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Invoker<M: rkyv::Archive, A, R> {
     executor: Executor<A, R>,
     _model: std::marker::PhantomData<fn() -> M>,

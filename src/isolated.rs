@@ -82,6 +82,13 @@ where
     R: Serialize + DeserializeOwned + 'static,
 {
     /// An isolated call of `func`.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// assert_eq!(procpool::Isolated::new(double).run(21).unwrap(), 42);
+    /// ```
     pub fn new(func: fn(A) -> R) -> Self {
         Isolated {
             func,
@@ -96,6 +103,17 @@ where
     /// asked for (its start-up, well under a millisecond, counts): SIGTERM,
     /// then SIGKILL half a second later; the error says
     /// [`TaskError::is_timeout`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    /// let call = procpool::Isolated::new(nap).timeout(Duration::from_millis(200));
+    /// assert_eq!(call.run(1).unwrap(), 1);
+    /// assert!(call.run(5_000).unwrap_err().is_timeout());
+    /// ```
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self
@@ -103,6 +121,15 @@ where
 
     /// Limits the process's address space to `bytes` (`RLIMIT_AS`); a failed
     /// allocation is reported as [`TaskError::is_out_of_memory`].
+    ///
+    /// ```
+    /// fn hoard(bytes: usize) -> usize {
+    ///     std::hint::black_box(vec![1u8; bytes]).len()
+    /// }
+    /// let call = procpool::Isolated::new(hoard).memory_limit(1 << 30);
+    /// assert_eq!(call.run(1 << 20).unwrap(), 1 << 20);
+    /// assert!(call.run(4 << 30).unwrap_err().is_out_of_memory());
+    /// ```
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
         self
@@ -110,12 +137,28 @@ where
 
     /// Derives the call's seed from `root` (and the call's number 0) instead
     /// of the process's root seed and spawn counter.
+    ///
+    /// ```
+    /// fn seeded(_: ()) -> u64 {
+    ///     procpool::seed().unwrap()
+    /// }
+    /// let call = procpool::Isolated::new(seeded).seed(42);
+    /// assert_eq!(call.run(()).unwrap(), call.run(()).unwrap());
+    /// ```
     pub fn seed(mut self, root: u64) -> Self {
         self.seed = Some(root);
         self
     }
 
     /// How the process is started. Default: [`StartMethod::ForkServer`].
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let call = procpool::Isolated::new(double).start_method(procpool::StartMethod::Spawn);
+    /// assert_eq!(call.run(4).unwrap(), 8);
+    /// ```
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.start_method = method;
         self
@@ -127,6 +170,15 @@ where
     ///
     /// The function panicked, the process died (signal, exit, out of
     /// memory), ran past the timeout, or could not be started.
+    ///
+    /// ```
+    /// fn parse(s: String) -> u32 {
+    ///     s.parse().expect("a number")
+    /// }
+    /// let call = procpool::Isolated::new(parse);
+    /// assert_eq!(call.run("7".into()).unwrap(), 7);
+    /// assert!(call.run("seven".into()).unwrap_err().is_panic());
+    /// ```
     pub fn run(&self, arg: A) -> Result<R, TaskError> {
         let number = SPAWNS.fetch_add(1, Ordering::Relaxed);
         let (root_seed, index) = match self.seed {

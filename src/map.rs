@@ -50,12 +50,24 @@ macro_rules! map_options {
     () => {
         /// Worker processes to use; 1 runs in this process. Default:
         /// [`proc_count(2, Some(4), 0)`](crate::proc_count).
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// assert_eq!(procpool::PoolBuilder::new(f).n_jobs(3).build()?.n_jobs(), 3);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn n_jobs(mut self, n_jobs: usize) -> Self {
             self.options.n_jobs = Some(n_jobs);
             self
         }
 
         /// How workers are started. Default: [`StartMethod::ForkServer`](crate::StartMethod::ForkServer).
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let builder = procpool::PoolBuilder::new(f).start_method(procpool::StartMethod::Spawn);
+        /// # let _ = builder;
+        /// ```
         pub fn start_method(mut self, method: crate::StartMethod) -> Self {
             self.options.start_method = method;
             self
@@ -63,6 +75,13 @@ macro_rules! map_options {
 
         /// Tasks per batch, instead of automatic sizing: from 1 to
         /// 16,777,216 (2^24).
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let mut pool = procpool::PoolBuilder::new(f).n_jobs(2).chunk_size(1).build()?;
+        /// assert_eq!(pool.map(0..3u8).count(), 3);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn chunk_size(mut self, chunk_size: usize) -> Self {
             self.options.chunk_size = Some(chunk_size);
             self
@@ -70,6 +89,12 @@ macro_rules! map_options {
 
         /// The root seed task seeds derive from. Default: `PROCPOOL_SEED`,
         /// else random from the OS.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// assert_eq!(procpool::PoolBuilder::new(f).n_jobs(1).seed(9).build()?.root_seed(), 9);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn seed(mut self, seed: u64) -> Self {
             self.options.seed = Some(seed);
             self
@@ -80,6 +105,12 @@ macro_rules! map_options {
         /// [`TaskError::is_timeout`](crate::TaskError::is_timeout) and is not
         /// retried. Applies to worker processes only: with `n_jobs = 1` tasks
         /// run in this process.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let builder = procpool::PoolBuilder::new(f).task_timeout(std::time::Duration::from_secs(30));
+        /// # let _ = builder;
+        /// ```
         pub fn task_timeout(mut self, limit: std::time::Duration) -> Self {
             self.options.task_timeout = Some(limit);
             self
@@ -90,6 +121,12 @@ macro_rules! map_options {
         /// it fails with
         /// [`TaskError::is_out_of_memory`](crate::TaskError::is_out_of_memory).
         /// Worker processes only.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let builder = procpool::PoolBuilder::new(f).memory_limit(4 << 30);
+        /// # let _ = builder;
+        /// ```
         pub fn memory_limit(mut self, bytes: u64) -> Self {
             self.options.memory_limit = Some(bytes);
             self
@@ -98,6 +135,12 @@ macro_rules! map_options {
         /// How many worker deaths a task may cause before it is reported as
         /// failed rather than run again (default 2: a task that crashes once
         /// is retried once, alone).
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let builder = procpool::PoolBuilder::new(f).max_tries(1);
+        /// # let _ = builder;
+        /// ```
         pub fn max_tries(mut self, tries: u32) -> Self {
             self.options.max_tries = tries;
             self
@@ -106,6 +149,17 @@ macro_rules! map_options {
         /// Ends each map at its first error: that error is the last item, the
         /// remaining input is not read, and running tasks are stopped (their
         /// workers are killed and replaced). Default: one result per argument.
+        ///
+        /// ```
+        /// fn fail_on_1(x: u8) -> u8 {
+        ///     assert_ne!(x, 1);
+        ///     x
+        /// }
+        /// let mut pool = procpool::PoolBuilder::new(fail_on_1).n_jobs(1).fail_fast(true).build()?;
+        /// let results: Vec<_> = pool.map(0..5u8).collect();
+        /// assert_eq!(results.len(), 2); // 0, then the error
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn fail_fast(mut self, on: bool) -> Self {
             self.options.fail_fast = on;
             self
@@ -121,6 +175,14 @@ macro_rules! map_methods {
         /// argument, in input order. The input is read lazily, a bounded
         /// number of tasks ahead of what has been taken, so it may be
         /// endless.
+        ///
+        /// ```
+        /// # fn double(x: u8) -> u8 { x * 2 }
+        /// let mut pool = procpool::pool(double, 2)?;
+        /// let doubled: Vec<u8> = pool.map(0..4u8).map(Result::unwrap).collect();
+        /// assert_eq!(doubled, [0, 2, 4, 6]);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn map<I>(&mut self, args: I) -> crate::Map<'_, A, R, I::IntoIter>
         where
             I: IntoIterator<Item = A>,
@@ -132,6 +194,15 @@ macro_rules! map_methods {
 
         /// Like [`map`](Self::map), but yields results as they complete,
         /// each with the index of its argument.
+        ///
+        /// ```
+        /// # fn double(x: u8) -> u8 { x * 2 }
+        /// let mut pool = procpool::pool(double, 2)?;
+        /// let mut got: Vec<(usize, u8)> = pool.map_unordered(0..3u8).map(|(i, r)| (i, r.unwrap())).collect();
+        /// got.sort();
+        /// assert_eq!(got, [(0, 0), (1, 2), (2, 4)]);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn map_unordered<I>(&mut self, args: I) -> crate::MapUnordered<'_, A, R, I::IntoIter>
         where
             I: IntoIterator<Item = A>,
@@ -149,6 +220,12 @@ pub(crate) use map_methods;
 macro_rules! executor_accessors {
     () => {
         /// The number of worker processes (1: runs in this process).
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// assert_eq!(procpool::pool(f, 2)?.n_jobs(), 2);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn n_jobs(&self) -> usize {
             self.executor.n_jobs()
         }
@@ -156,17 +233,37 @@ macro_rules! executor_accessors {
         /// The process ids of the workers now running (empty for
         /// `n_jobs = 1`). A worker that dies is replaced, so the list can
         /// change between maps.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let pool = procpool::pool(f, 2)?;
+        /// assert!(pool.worker_pids().iter().all(|&pid| pid != std::process::id()));
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn worker_pids(&self) -> Vec<u32> {
             self.executor.worker_pids()
         }
 
         /// The root seed task seeds derive from.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// assert_eq!(procpool::PoolBuilder::new(f).n_jobs(1).seed(5).build()?.root_seed(), 5);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn root_seed(&self) -> u64 {
             self.executor.root_seed()
         }
 
         /// Stops the workers, forwarding the logs they still send. Dropping
         /// it does the same.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let pool = procpool::pool(f, 2)?;
+        /// pool.shutdown(); // the workers are gone
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
         pub fn shutdown(mut self) {
             self.executor.stop();
         }
@@ -425,6 +522,16 @@ where
 /// has been taken. Dropping it before the end stops the tasks still
 /// running (their workers are killed and replaced) and leaves the rest of
 /// the input unread.
+///
+/// ```
+/// # fn double(x: u8) -> u8 { x * 2 }
+/// let mut pool = procpool::pool(double, 2)?;
+/// let mut map: procpool::Map<'_, u8, u8, _> = pool.map(0..100u8);
+/// assert_eq!(map.next().unwrap()?, 0);
+/// drop(map); // the rest is stopped, and the pool is ready for more
+/// assert_eq!(pool.map([7u8]).next().unwrap()?, 14);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Map<'a, A, R, I>
 where
     I: Iterator<Item = A>,
@@ -461,6 +568,14 @@ where
 /// The iterator of a `map_unordered`: `(input index, result)` pairs in
 /// completion order. Dropping it early stops the work as
 /// [`Map`] does.
+///
+/// ```
+/// # fn double(x: u8) -> u8 { x * 2 }
+/// let mut pool = procpool::pool(double, 2)?;
+/// let total: u32 = pool.map_unordered(0..10u8).map(|(_, r)| u32::from(r.unwrap())).sum();
+/// assert_eq!(total, 90);
+/// # Ok::<(), procpool::PoolError>(())
+/// ```
 pub struct MapUnordered<'a, A, R, I>
 where
     I: Iterator<Item = A>,

@@ -82,6 +82,14 @@ where
     R: Serialize + DeserializeOwned + 'static,
 {
     /// Starts a configuration for `func`.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let builder = procpool::PoolBuilder::new(double).n_jobs(2);
+    /// # let _ = builder;
+    /// ```
     pub fn new(func: fn(A) -> R) -> Self {
         PoolBuilder {
             func,
@@ -98,6 +106,15 @@ where
     /// Fails if `n_jobs` or `chunk_size` is 0, `chunk_size` is over
     /// 16,777,216 (2^24) tasks, `PROCPOOL_SEED` or `PROCPOOL_NUM_PROCS` is
     /// malformed, or the workers cannot be started.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let pool = procpool::PoolBuilder::new(double).n_jobs(2).seed(7).build()?;
+    /// assert_eq!((pool.n_jobs(), pool.root_seed()), (2, 7));
+    /// # Ok::<(), procpool::PoolError>(())
+    /// ```
     pub fn build(self) -> Result<Pool<A, R>, PoolError> {
         let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.func as usize);
         let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {

@@ -3,6 +3,10 @@
 use crate::error::ConfigError;
 
 /// The environment variable that fixes the root seed (a decimal `u64`).
+///
+/// ```
+/// assert_eq!(procpool::SEED_ENV, "PROCPOOL_SEED");
+/// ```
 pub const SEED_ENV: &str = "PROCPOOL_SEED";
 
 /// The root seed: `PROCPOOL_SEED` if set, else fresh randomness from the OS.

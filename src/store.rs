@@ -36,6 +36,16 @@ use crate::error::StoreError;
 /// What an archived model type must offer: rkyv's portable layout and
 /// validation. Every `#[derive(rkyv::Archive)]` type's archived form with
 /// `bytecheck` (rkyv's default) qualifies.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// fn takes_archived<A: procpool::ArchivedModel>() {}
+/// takes_archived::<ArchivedModel>();
+/// # let _ = Model { weights: vec![] }.weights;
+/// ```
 pub trait ArchivedModel: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> {}
 
 impl<T> ArchivedModel for T where T: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>> {}
@@ -43,6 +53,15 @@ impl<T> ArchivedModel for T where T: Portable + for<'a> CheckBytes<HighValidator
 /// What a model type must offer to be persisted: rkyv serialisation into an
 /// archive whose form is an [`ArchivedModel`]. Every type with
 /// `#[derive(rkyv::Archive, rkyv::Serialize)]` qualifies.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// fn takes_model<M: procpool::Model>(_: &M) {}
+/// takes_model(&Model { weights: vec![] });
+/// ```
 pub trait Model:
     rkyv::Archive<Archived: ArchivedModel>
     + for<'a> rkyv::Serialize<HighSerializer<IoWriter<StoreSink>, ArenaHandle<'a>, rancor::Error>>
@@ -58,6 +77,18 @@ impl<M> Model for M where
 /// Where [`persist`] streams the archive: straight into the store's file or
 /// shared memory, checksummed on the way, with no intermediate copy of the
 /// model. It appears only in the [`Model`] bound; there is nothing to call.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// // Named by the `Model` bound that every derived model meets.
+/// fn persists<M: procpool::Model>(model: &M) -> bool {
+///     procpool::persist(model).is_ok()
+/// }
+/// assert!(persists(&Model { weights: vec![1.0] }));
+/// ```
 pub struct StoreSink {
     out: std::io::BufWriter<File>,
     hasher: xxhash_rust::xxh3::Xxh3,
@@ -172,13 +203,38 @@ impl<M: rkyv::Archive> std::fmt::Debug for ModelStore<M> {
 ///
 /// Fails if rkyv cannot serialise the model or shared memory cannot be
 /// created (for example when memory is exhausted).
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// let store = procpool::persist(&Model { weights: vec![0.5; 1000] })?;
+/// assert_eq!(store.archived().weights.len(), 1000);
+/// # Ok::<(), procpool::StoreError>(())
+/// ```
 pub fn persist<M: Model>(model: &M) -> Result<ModelStore<M>, StoreError> {
     persist_with_schema(model, 0)
 }
 
 /// Like [`persist`], with a schema version of your own that a later
-/// [`ModelStore::load`] must match (bump it when the model's meaning changes
-/// but not its Rust type).
+/// [`ModelStore::load_with_schema`] must match (bump it when the model's
+/// meaning changes but not its Rust type); a store of another schema is
+/// refused as of another type.
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("v2.store");
+/// procpool::persist_with_schema(&Model { weights: vec![1.0] }, 2)?.save(&path)?;
+/// assert!(procpool::ModelStore::<Model>::load_with_schema(&path, 2).is_ok());
+/// // The schema is part of the type's fingerprint.
+/// assert!(procpool::ModelStore::<Model>::load(&path).unwrap_err().is_type_mismatch());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn persist_with_schema<M: Model>(
     model: &M,
     schema_version: u32,
@@ -193,6 +249,19 @@ pub fn persist_with_schema<M: Model>(
 
 /// Archives `model` into a store file at `path`, to reopen later with
 /// [`ModelStore::load`] or [`ModelStore::open_mapped`].
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Model {
+///     weights: Vec<f32>,
+/// }
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("model.store");
+/// procpool::persist_to_path(&Model { weights: vec![1.0; 10] }, &path)?;
+/// let store = procpool::ModelStore::<Model>::load(&path)?;
+/// assert_eq!(store.archived().weights.len(), 10);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn persist_to_path<M: Model>(model: &M, path: impl AsRef<Path>) -> Result<(), StoreError> {
     let path = path.as_ref();
     let what = || format!("write the model store {}", path.display());
@@ -246,12 +315,27 @@ where
     /// A missing or unreadable file, or one that is truncated, corrupted
     /// (any flipped byte), of another type, or of another format version,
     /// gives an error naming the problem.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("model.store");
+    /// procpool::persist_to_path(&Model { weights: vec![2.0] }, &path)?;
+    /// let store = procpool::ModelStore::<Model>::load(&path)?;
+    /// assert_eq!(store.archived().weights[0].to_native(), 2.0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load(path: impl AsRef<Path>) -> Result<ModelStore<M>, StoreError> {
         Self::load_with_schema(path, 0)
     }
 
     /// Like [`load`](Self::load), requiring the schema version given to
     /// [`persist_with_schema`].
+    ///
+    /// See the example on [`persist_with_schema`].
     pub fn load_with_schema(
         path: impl AsRef<Path>,
         schema_version: u32,
@@ -310,6 +394,17 @@ where
     }
 
     /// The archived model, read in place.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// let store = procpool::persist(&Model { weights: vec![1.0, 2.0] })?;
+    /// let sum: f32 = store.archived().weights.iter().map(|w| w.to_native()).sum();
+    /// assert_eq!(sum, 3.0);
+    /// # Ok::<(), procpool::StoreError>(())
+    /// ```
     pub fn archived(&self) -> &M::Archived {
         // SAFETY: every constructor validated the archive as `M::Archived`
         // (or wrote it from a real `M`), and the bytes are immutable: a
@@ -331,6 +426,16 @@ impl<M: rkyv::Archive> ModelStore<M> {
     }
 
     /// The size of the archive in bytes.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// let store = procpool::persist(&Model { weights: vec![0.0; 1024] })?;
+    /// assert!(store.archive_len() >= 4096);
+    /// # Ok::<(), procpool::StoreError>(())
+    /// ```
     pub fn archive_len(&self) -> usize {
         self.inner.map.len() - HEADER_LEN
     }
@@ -341,6 +446,18 @@ impl<M: rkyv::Archive> ModelStore<M> {
     }
 
     /// Writes this store's bytes to a file, to [`load`](ModelStore::load) later.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// let dir = tempfile::tempdir()?;
+    /// let store = procpool::persist(&Model { weights: vec![1.0] })?;
+    /// store.save(dir.path().join("copy.store"))?;
+    /// assert!(procpool::ModelStore::<Model>::load(dir.path().join("copy.store")).is_ok());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), StoreError> {
         let path = path.as_ref();
         let what = || format!("write the model store {}", path.display());

@@ -16,6 +16,17 @@ use procpool_worker::wire::{ExitInfo, STDERR_TAIL};
 use crate::error::PoolError;
 
 /// How a pool starts its workers.
+///
+/// ```
+/// fn double(x: u32) -> u32 {
+///     x * 2
+/// }
+/// for method in [procpool::StartMethod::ForkServer, procpool::StartMethod::Spawn] {
+///     let mut pool = procpool::PoolBuilder::new(double).n_jobs(2).start_method(method).build()?;
+///     assert_eq!(pool.map([1u32]).next().unwrap()?, 2);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StartMethod {
     /// Fork each worker from a single-threaded fork server, a re-execution
@@ -38,6 +49,12 @@ pub enum StartMethod {
 }
 
 /// Proof that the caller accepted the contract of [`StartMethod::fork`].
+///
+/// ```
+/// // SAFETY: this doctest starts no thread between the check and a fork.
+/// let method = unsafe { procpool::StartMethod::fork() };
+/// assert!(matches!(method, procpool::StartMethod::Fork(_)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForkPermit(());
 

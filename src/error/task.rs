@@ -1,11 +1,8 @@
-//! Error types, one per concern, each with predicates to branch on.
+//! Why one task produced no value.
 
-use procpool_worker::wire::TaskFailure;
 use std::fmt;
-use std::io;
 
-use procpool_worker::store_format::FormatError;
-pub use procpool_worker::wire::ExitInfo;
+use procpool_worker::wire::{ExitInfo, TaskFailure};
 
 /// Why one task of a `map` produced no value.
 ///
@@ -118,11 +115,30 @@ impl TaskError {
     }
 
     /// The index of the task in its `map` input (0-based).
+    ///
+    /// ```
+    /// fn fail_on_2(x: u32) -> u32 {
+    ///     assert_ne!(x, 2, "two");
+    ///     x
+    /// }
+    /// let mut pool = procpool::pool(fail_on_2, 1)?;
+    /// let err = pool.map(0..4u32).find_map(Result::err).unwrap();
+    /// assert_eq!(err.task_index(), 2);
+    /// # Ok::<(), procpool::PoolError>(())
+    /// ```
     pub fn task_index(&self) -> u64 {
         self.index
     }
 
     /// True if the function panicked (and the worker lived on).
+    ///
+    /// ```
+    /// fn explode(_: u8) -> u8 {
+    ///     panic!("boom")
+    /// }
+    /// let err = procpool::run_sp(explode, 0).unwrap_err();
+    /// assert!(err.is_panic() && !err.is_crash());
+    /// ```
     pub fn is_panic(&self) -> bool {
         matches!(
             *self.kind,
@@ -131,6 +147,14 @@ impl TaskError {
     }
 
     /// The panic message, if the function panicked.
+    ///
+    /// ```
+    /// fn explode(n: u8) -> u8 {
+    ///     panic!("boom {n}")
+    /// }
+    /// let err = procpool::run_sp(explode, 3).unwrap_err();
+    /// assert_eq!(err.panic_message(), Some("boom 3"));
+    /// ```
     pub fn panic_message(&self) -> Option<&str> {
         match &*self.kind {
             TaskErrorKind::Failed(TaskFailure::Panicked { message, .. }) => Some(message),
@@ -139,6 +163,14 @@ impl TaskError {
     }
 
     /// `file:line:column` of the panic, if the function panicked there.
+    ///
+    /// ```
+    /// fn explode(_: u8) -> u8 {
+    ///     panic!("boom")
+    /// }
+    /// let err = procpool::run_sp(explode, 0).unwrap_err();
+    /// assert!(err.panic_location().is_some_and(|l| l.contains(".rs:")));
+    /// ```
     pub fn panic_location(&self) -> Option<&str> {
         match &*self.kind {
             TaskErrorKind::Failed(TaskFailure::Panicked { location, .. }) => location.as_deref(),
@@ -149,6 +181,16 @@ impl TaskError {
     /// True if the worker running the task died on its own: a signal
     /// (SIGSEGV, SIGABRT, SIGKILL from outside …), an exit, or running out
     /// of memory. A timeout is not a crash: see [`is_timeout`](Self::is_timeout).
+    ///
+    /// ```
+    /// fn quit(code: i32) -> u8 {
+    ///     std::process::exit(code)
+    /// }
+    /// let err = procpool::run_sp(quit, 3).unwrap_err();
+    /// assert!(err.is_crash());
+    /// assert_eq!(err.exit_code(), Some(3));
+    /// assert_eq!(err.signal(), None);
+    /// ```
     pub fn is_crash(&self) -> bool {
         matches!(
             *self.kind,
@@ -160,6 +202,16 @@ impl TaskError {
     }
 
     /// True if the task ran past its time limit and its worker was stopped.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    /// let call = procpool::Isolated::new(nap).timeout(Duration::from_millis(100));
+    /// assert!(call.run(10_000).unwrap_err().is_timeout());
+    /// ```
     pub fn is_timeout(&self) -> bool {
         matches!(
             *self.kind,
@@ -171,6 +223,16 @@ impl TaskError {
     }
 
     /// True if an allocation failed under the worker's memory limit.
+    ///
+    /// ```
+    /// fn hoard(bytes: usize) -> usize {
+    ///     let v: Vec<u8> = Vec::with_capacity(bytes);
+    ///     std::hint::black_box(&v).capacity()
+    /// }
+    /// let call = procpool::Isolated::new(hoard).memory_limit(1 << 30);
+    /// let err = call.run(8 << 30).unwrap_err();
+    /// assert!(err.is_out_of_memory() && err.is_crash());
+    /// ```
     pub fn is_out_of_memory(&self) -> bool {
         matches!(
             *self.kind,
@@ -182,6 +244,15 @@ impl TaskError {
     }
 
     /// The last lines the dead worker wrote to stderr, when known.
+    ///
+    /// ```
+    /// fn confess(_: u8) -> u8 {
+    ///     eprintln!("about to abort");
+    ///     std::process::abort()
+    /// }
+    /// let err = procpool::run_sp(confess, 0).unwrap_err();
+    /// assert!(err.stderr_tail().is_some_and(|t| t.contains("about to abort")));
+    /// ```
     pub fn stderr_tail(&self) -> Option<&str> {
         match &*self.kind {
             TaskErrorKind::WorkerDied { stderr_tail, .. } if !stderr_tail.is_empty() => {
@@ -192,6 +263,14 @@ impl TaskError {
     }
 
     /// The signal that killed the worker, if one did.
+    ///
+    /// ```
+    /// fn abort(_: u8) -> u8 {
+    ///     std::process::abort()
+    /// }
+    /// let err = procpool::run_sp(abort, 0).unwrap_err();
+    /// assert_eq!(err.signal(), Some(6)); // SIGABRT
+    /// ```
     pub fn signal(&self) -> Option<i32> {
         match *self.kind {
             TaskErrorKind::WorkerDied {
@@ -203,6 +282,13 @@ impl TaskError {
     }
 
     /// The exit code of the worker, if it exited while running the task.
+    ///
+    /// ```
+    /// fn quit(code: i32) -> u8 {
+    ///     std::process::exit(code)
+    /// }
+    /// assert_eq!(procpool::run_sp(quit, 9).unwrap_err().exit_code(), Some(9));
+    /// ```
     pub fn exit_code(&self) -> Option<i32> {
         match *self.kind {
             TaskErrorKind::WorkerDied {
@@ -214,6 +300,14 @@ impl TaskError {
     }
 
     /// The process id of the worker that died, for a crash.
+    ///
+    /// ```
+    /// fn abort(_: u8) -> u8 {
+    ///     std::process::abort()
+    /// }
+    /// let err = procpool::run_sp(abort, 0).unwrap_err();
+    /// assert!(err.worker_pid().is_some_and(|pid| pid != std::process::id()));
+    /// ```
     pub fn worker_pid(&self) -> Option<u32> {
         match *self.kind {
             TaskErrorKind::WorkerDied { pid, .. } => Some(pid),
@@ -222,6 +316,19 @@ impl TaskError {
     }
 
     /// The pool's number for the worker that died, for a crash.
+    ///
+    /// ```
+    /// fn abort_on_1(x: u8) -> u8 {
+    ///     if x == 1 {
+    ///         std::process::abort();
+    ///     }
+    ///     x
+    /// }
+    /// let mut pool = procpool::PoolBuilder::new(abort_on_1).n_jobs(2).max_tries(1).build()?;
+    /// let err = pool.map(0..3u8).find_map(Result::err).unwrap();
+    /// assert!(err.worker_id().is_some());
+    /// # Ok::<(), procpool::PoolError>(())
+    /// ```
     pub fn worker_id(&self) -> Option<u32> {
         match *self.kind {
             TaskErrorKind::WorkerDied { worker_id, .. } => Some(worker_id),
@@ -232,6 +339,26 @@ impl TaskError {
     /// True if the argument or the result could not cross the process
     /// boundary: a serde error, or more than one message carries (2 GiB
     /// for an argument, or for the results of one batch).
+    ///
+    /// ```
+    /// use serde::{Serialize, Serializer};
+    /// struct Opaque;
+    /// impl Serialize for Opaque {
+    ///     fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+    ///         Err(serde::ser::Error::custom("opaque"))
+    ///     }
+    /// }
+    /// # impl<'de> serde::Deserialize<'de> for Opaque {
+    /// #     fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+    /// #         Ok(Opaque)
+    /// #     }
+    /// # }
+    /// fn touch(_: Opaque) -> u8 {
+    ///     0
+    /// }
+    /// let err = procpool::run_sp(touch, Opaque).unwrap_err();
+    /// assert!(err.is_serialization());
+    /// ```
     pub fn is_serialization(&self) -> bool {
         matches!(
             *self.kind,
@@ -329,275 +456,3 @@ impl fmt::Display for TaskError {
 }
 
 impl std::error::Error for TaskError {}
-
-/// Why a pool could not start, or stopped working.
-#[derive(Debug)]
-pub struct PoolError {
-    kind: PoolErrorKind,
-}
-
-#[derive(Debug)]
-enum PoolErrorKind {
-    Io(&'static str, io::Error),
-    Protocol(String),
-    WorkerFatal(String),
-    BuildMismatch,
-    EntryNotRun,
-    Config(ConfigError),
-    Refused(String),
-}
-
-impl PoolError {
-    pub(crate) fn io(what: &'static str, err: io::Error) -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::Io(what, err),
-        }
-    }
-    pub(crate) fn protocol(msg: impl Into<String>) -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::Protocol(msg.into()),
-        }
-    }
-    pub(crate) fn worker_fatal(msg: impl Into<String>) -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::WorkerFatal(msg.into()),
-        }
-    }
-    pub(crate) fn build_mismatch() -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::BuildMismatch,
-        }
-    }
-    pub(crate) fn entry_not_run() -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::EntryNotRun,
-        }
-    }
-    pub(crate) fn refused(msg: impl Into<String>) -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::Refused(msg.into()),
-        }
-    }
-
-    /// True if a system call failed (fork, socket, pipe …).
-    pub fn is_io(&self) -> bool {
-        matches!(self.kind, PoolErrorKind::Io(..))
-    }
-
-    /// True if a worker reported that it could not start (for example the
-    /// model failed validation in it).
-    pub fn is_worker_fatal(&self) -> bool {
-        matches!(self.kind, PoolErrorKind::WorkerFatal(_))
-    }
-
-    /// True if a started process runs a different build than the parent.
-    pub fn is_build_mismatch(&self) -> bool {
-        matches!(self.kind, PoolErrorKind::BuildMismatch)
-    }
-
-    /// True if the request was refused as unsafe or invalid (for example
-    /// `StartMethod::Fork` in a multi-threaded process).
-    pub fn is_refused(&self) -> bool {
-        matches!(
-            self.kind,
-            PoolErrorKind::Refused(_) | PoolErrorKind::Config(_)
-        )
-    }
-}
-
-impl fmt::Display for PoolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            PoolErrorKind::Io(what, e) => write!(f, "cannot {what}: {e}"),
-            PoolErrorKind::Protocol(m) => write!(f, "worker protocol error: {m}"),
-            PoolErrorKind::WorkerFatal(m) => write!(f, "worker failed to start: {m}"),
-            PoolErrorKind::BuildMismatch => write!(
-                f,
-                "a started process runs a different build of this program"
-            ),
-            PoolErrorKind::EntryNotRun => write!(
-                f,
-                "this process was started as a procpool worker but its entry point did not run; \
-                 link procpool into the binary (call procpool::init() in main)"
-            ),
-            PoolErrorKind::Config(e) => write!(f, "{e}"),
-            PoolErrorKind::Refused(m) => write!(f, "{m}"),
-        }
-    }
-}
-
-impl std::error::Error for PoolError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
-            PoolErrorKind::Io(_, e) => Some(e),
-            PoolErrorKind::Config(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<ConfigError> for PoolError {
-    fn from(e: ConfigError) -> PoolError {
-        PoolError {
-            kind: PoolErrorKind::Config(e),
-        }
-    }
-}
-
-/// A bad process-count setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub(crate) source: String,
-    pub(crate) value: String,
-    pub(crate) reason: &'static str,
-}
-
-impl ConfigError {
-    /// Where the bad value came from (an environment variable or a parameter name).
-    pub fn source_name(&self) -> &str {
-        &self.source
-    }
-
-    /// The bad value as given.
-    pub fn value(&self) -> &str {
-        &self.value
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid {} value {:?}: {}",
-            self.source, self.value, self.reason
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Why a model store could not be written, read or trusted.
-#[derive(Debug)]
-pub struct StoreError {
-    kind: StoreErrorKind,
-}
-
-#[derive(Debug)]
-enum StoreErrorKind {
-    Io(String, io::Error),
-    Format(FormatError),
-    Checksum { expected: u64, actual: u64 },
-    TypeMismatch { expected: String, found: String },
-    FormatFlags,
-    Invalid(String),
-    Serialize(String),
-}
-
-impl StoreError {
-    pub(crate) fn io(what: impl Into<String>, err: io::Error) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::Io(what.into(), err),
-        }
-    }
-    pub(crate) fn format(err: FormatError) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::Format(err),
-        }
-    }
-    pub(crate) fn checksum(expected: u64, actual: u64) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::Checksum { expected, actual },
-        }
-    }
-    pub(crate) fn type_mismatch(expected: String, found: String) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::TypeMismatch { expected, found },
-        }
-    }
-    pub(crate) fn format_flags() -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::FormatFlags,
-        }
-    }
-    pub(crate) fn invalid(msg: String) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::Invalid(msg),
-        }
-    }
-    pub(crate) fn serialize(msg: String) -> StoreError {
-        StoreError {
-            kind: StoreErrorKind::Serialize(msg),
-        }
-    }
-
-    /// True for a file that is not a store, or whose bytes were damaged:
-    /// bad magic, a header or archive checksum mismatch, or an archive that
-    /// fails validation.
-    pub fn is_corrupted(&self) -> bool {
-        matches!(
-            self.kind,
-            StoreErrorKind::Format(FormatError::BadMagic | FormatError::HeaderChecksum)
-                | StoreErrorKind::Checksum { .. }
-                | StoreErrorKind::Invalid(_)
-        ) || self.is_truncated()
-    }
-
-    /// True if the file is shorter (or longer) than its header says.
-    pub fn is_truncated(&self) -> bool {
-        matches!(
-            self.kind,
-            StoreErrorKind::Format(FormatError::Length { .. } | FormatError::TooShort(_))
-        )
-    }
-
-    /// True if the store holds another type than the one asked for.
-    pub fn is_type_mismatch(&self) -> bool {
-        matches!(self.kind, StoreErrorKind::TypeMismatch { .. })
-    }
-
-    /// True if the store was written by another format version, or by a
-    /// build with other rkyv format settings (endianness, pointer width).
-    pub fn is_version_mismatch(&self) -> bool {
-        matches!(
-            self.kind,
-            StoreErrorKind::Format(FormatError::Version(_)) | StoreErrorKind::FormatFlags
-        )
-    }
-
-    /// True if reading or writing the file or memory failed.
-    pub fn is_io(&self) -> bool {
-        matches!(self.kind, StoreErrorKind::Io(..))
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            StoreErrorKind::Io(what, e) => write!(f, "cannot {what}: {e}"),
-            StoreErrorKind::Format(e) => write!(f, "{e}"),
-            StoreErrorKind::Checksum { expected, actual } => write!(
-                f,
-                "store archive is corrupted (checksum {actual:016x}, the header says {expected:016x})"
-            ),
-            StoreErrorKind::TypeMismatch { expected, found } => {
-                write!(f, "store holds `{found}`, not the requested `{expected}`")
-            }
-            StoreErrorKind::FormatFlags => write!(
-                f,
-                "store was written with other rkyv format settings (endianness, pointer width or alignment)"
-            ),
-            StoreErrorKind::Invalid(m) => write!(f, "store archive is invalid: {m}"),
-            StoreErrorKind::Serialize(m) => write!(f, "cannot serialize the model: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
-            StoreErrorKind::Io(_, e) => Some(e),
-            StoreErrorKind::Format(e) => Some(e),
-            _ => None,
-        }
-    }
-}

@@ -1,0 +1,13 @@
+//! Error types, one per concern, each with predicates to branch on: a
+//! task's ([`TaskError`]), a pool's ([`PoolError`], with the settings'
+//! [`ConfigError`]) and a model store's ([`StoreError`]).
+
+mod pool;
+mod store;
+mod task;
+
+pub use pool::{ConfigError, PoolError};
+pub use procpool_worker::wire::ExitInfo;
+pub use store::StoreError;
+pub use task::TaskError;
+pub(crate) use task::{Death, describe_exit};
