@@ -7,6 +7,7 @@
 //! - `worker`: one worker's connection (its link, status page, arena and
 //!   the batches it holds), and the handshake with a new one.
 //! - `batch`: tasks with contiguous indices and their encoded arguments.
+//! - `region`: the parent's side of a worker's status page and bulk arena.
 //! - `dispatch`: the [`Engine`], dispatch and waiting, not generic over
 //!   user types: driven by calls (submit a batch, wait for the next
 //!   events), so that anything can push work to it.
@@ -23,6 +24,7 @@
 mod batch;
 mod blame;
 mod dispatch;
+mod region;
 mod run;
 mod worker;
 mod workers;

@@ -14,9 +14,10 @@ use procpool_worker::wire::{
 };
 
 use super::batch::{Batch, begin_batch_frame};
+use super::region::StatusPage;
 use super::{EXIT_STATUS_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::error::PoolError;
-use crate::launch::{self, Reaper, StatusPage};
+use crate::launch::{self, Reaper};
 
 /// Why we are stopping a worker, if we are.
 pub(super) struct Stopping {
@@ -153,16 +154,26 @@ pub(super) fn emit_log(record: &LogRecord, worker_id: u32) {
     );
 }
 
+/// A started worker, before the handshake, with its status page if it has
+/// one.
+pub(super) struct Launched {
+    pub started: launch::Launched,
+    pub status: Option<StatusPage>,
+}
+
 /// Waits for a new worker's READY (its setup went out with it).
-pub(super) fn handshake(id: u32, launched: launch::Launched) -> Result<Worker, PoolError> {
+pub(super) fn handshake(id: u32, launched: Launched) -> Result<Worker, PoolError> {
     let launched_at = Instant::now();
-    let launch::Launched {
-        pid,
-        link,
+    let Launched {
+        started:
+            launch::Launched {
+                pid,
+                link,
+                mut reaper,
+                first_frames,
+                first_sent,
+            },
         status,
-        mut reaper,
-        first_frames,
-        first_sent,
     } = launched;
     let mut reader = FrameReader::default();
     let mut out = Outbox {

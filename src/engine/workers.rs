@@ -10,7 +10,8 @@ use procpool_worker::wire::{LogRecord, TaskFailure, from_worker, to_worker};
 use serde::Serialize;
 
 use super::batch::{Batch, task_frame};
-use super::worker::{Worker, emit_log, handshake};
+use super::region::StatusPage;
+use super::worker::{Launched, Worker, emit_log, handshake};
 use super::{PoolSpec, SHUTDOWN_GRACE};
 use crate::error::PoolError;
 use crate::launch;
@@ -97,20 +98,24 @@ impl Workers {
 
     /// Launches the next worker with `frames` (its setup, perhaps followed
     /// by a batch) waiting in its pipe.
-    fn launch_one(&mut self, frames: Vec<u8>) -> Result<(u32, launch::Launched), PoolError> {
+    fn launch_one(&mut self, frames: Vec<u8>) -> Result<(u32, Launched), PoolError> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let label = format!("[procpool worker {id}] ");
         let model = self.spec.model.as_ref().map(|m| m.as_fd());
-        let purpose = if self.spec.setup.one_batch {
-            launch::Purpose::Isolated
+        // An isolated call runs one task: nothing to tell apart, no page.
+        let status = if self.spec.setup.one_batch {
+            None
         } else {
-            launch::Purpose::Pool {
-                arena_half: region::half_bytes(self.spec.setup.memory_limit),
-            }
+            let half = region::half_bytes(self.spec.setup.memory_limit);
+            Some(
+                StatusPage::new(half)
+                    .map_err(|e| PoolError::io("create a worker status page", e))?,
+            )
         };
-        let launched = launch::launch(self.spec.method, purpose, &label, frames, model)?;
-        Ok((id, launched))
+        let status_fd = status.as_ref().map(StatusPage::fd);
+        let started = launch::launch(self.spec.method, status_fd, &label, frames, model)?;
+        Ok((id, Launched { started, status }))
     }
 
     /// Replaces the worker at `slot` (whose process has ended) by a new one;

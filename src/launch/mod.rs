@@ -78,18 +78,6 @@ impl StartMethod {
     }
 }
 
-/// What a worker is started for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Purpose {
-    /// A pool's worker: many batches, large pipes, and a status page that
-    /// says which task of a batch it runs, followed by a bulk arena with
-    /// halves of `arena_half` bytes (0: none).
-    Pool { arena_half: usize },
-    /// One batch of one task (an isolated call): nothing to tell apart, so
-    /// no status page, and default pipes unless its first frames need more.
-    Isolated,
-}
-
 /// A started worker, before the handshake.
 pub(crate) struct Launched {
     /// Known at once for workers we start ourselves and for a fork-server
@@ -97,7 +85,6 @@ pub(crate) struct Launched {
     /// reports its own in its READY.
     pub pid: Option<u32>,
     pub link: LinkEnds,
-    pub status: Option<StatusPage>,
     pub reaper: Reaper,
     /// The first frames, of which the pipe took the first `first_sent`
     /// bytes before the worker existed; the rest goes out as it reads.
@@ -110,93 +97,6 @@ pub(crate) struct Launched {
 pub(crate) struct Ended {
     pub exit: ExitInfo,
     pub stderr_tail: String,
-}
-
-/// The parent's view of a worker's status page (see
-/// `procpool_worker::status`) and of the bulk arena after it (see
-/// `procpool_worker::wire::region`).
-pub(crate) struct StatusPage {
-    map: memmap2::MmapMut,
-    fd: std::os::fd::OwnedFd,
-    arena_half: usize,
-}
-
-impl StatusPage {
-    /// A zeroed region with an arena of two halves of `arena_half` bytes;
-    /// its pages cost memory only once written.
-    fn new(arena_half: usize) -> std::io::Result<StatusPage> {
-        let len = procpool_worker::wire::region::region_bytes(arena_half);
-        // SAFETY: the name is a NUL-terminated literal; the flags are constants.
-        let raw = unsafe { libc::memfd_create(c"procpool-status".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-        let file = std::fs::File::from(unsafe {
-            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
-        });
-        file.set_len(len as u64)?;
-        // SAFETY: a private memfd of ours, shared only with the one worker,
-        // which writes the status words through atomics only, and the
-        // arena only in spans we do not touch (see `procpool_worker::wire::region`).
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }?;
-        Ok(StatusPage {
-            map,
-            fd: file.into(),
-            arena_half,
-        })
-    }
-
-    /// The shared words.
-    pub(crate) fn words(&self) -> &procpool_worker::wire::region::StatusWords {
-        // SAFETY: the mapping is page-aligned, at least a page long, and
-        // outlives the borrow; both processes use it through atomics only.
-        unsafe { &*(self.map.as_ptr() as *const procpool_worker::wire::region::StatusWords) }
-    }
-
-    /// Bytes in each half of the arena (0: no arena).
-    pub(crate) fn arena_half(&self) -> usize {
-        self.arena_half
-    }
-
-    /// Writes `parts`, back to back, at `offset` in the parent's half.
-    ///
-    /// The span must be one the worker is not reading: one the parent's
-    /// ring handed out and has not released. Returns false, having written
-    /// nothing, if the span is not inside the half.
-    pub(crate) fn write_batch(&mut self, offset: usize, parts: &[&[u8]]) -> bool {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        if offset.saturating_add(total) > self.arena_half {
-            return false;
-        }
-        let mut at = procpool_worker::wire::region::to_worker_offset() + offset;
-        for part in parts {
-            // SAFETY: checked above to lie inside the parent's half, which
-            // the worker only reads, and only in spans whose frame it got.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    part.as_ptr(),
-                    self.map.as_mut_ptr().add(at),
-                    part.len(),
-                );
-            }
-            at += part.len();
-        }
-        true
-    }
-
-    /// The results body at the span a RESULTS_IN_ARENA frame names, if it
-    /// is inside the worker's half.
-    pub(crate) fn results_span(&self, frame_body: &[u8]) -> Option<&[u8]> {
-        let (offset, len) =
-            procpool_worker::wire::region::parse_span_frame_body(frame_body, self.arena_half)?;
-        let at = procpool_worker::wire::region::from_worker_offset(self.arena_half) + offset;
-        // SAFETY: the span lies inside the worker's half of our mapping. The
-        // worker wrote it before it sent the frame we read, and does not
-        // write it again until we count it in `results_released`, after the
-        // last use of this borrow (see `Run::collect_frames`).
-        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at), len) })
-    }
 }
 
 /// The last [`STDERR_TAIL`] bytes a worker wrote to stderr, kept by the
@@ -392,18 +292,21 @@ impl<'a> NewWorker<'a> {
     }
 }
 
-/// Starts one worker with `method` for `purpose`, giving it the model store
-/// `model`, with `first_frames` (its setup, and perhaps a batch) waiting in
-/// its pipe. They are taken by value: an isolated call's argument may be
-/// large, and what the pipe does not take yet waits in them.
+/// Starts one worker with `method`, giving it its status page `status` (a
+/// pool's worker has one; an isolated call's, running one task, has
+/// nothing to tell apart) and the model store `model`, with `first_frames`
+/// (its setup, and perhaps a batch) waiting in its pipe. They are taken by
+/// value: an isolated call's argument may be large, and what the pipe does
+/// not take yet waits in them. A pool's worker gets large pipes; an
+/// isolated call's, default ones unless its first frames need more.
 pub(crate) fn launch(
     method: StartMethod,
-    purpose: Purpose,
+    status: Option<BorrowedFd<'_>>,
     label: &str,
     first_frames: Vec<u8>,
     model: Option<BorrowedFd<'_>>,
 ) -> Result<Launched, PoolError> {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsRawFd;
     if procpool_worker::role_pending() {
         return Err(PoolError::entry_not_run());
     }
@@ -417,8 +320,7 @@ pub(crate) fn launch(
              restore SIGCHLD's default disposition or use the fork server (the default)",
         ));
     }
-    let large =
-        matches!(purpose, Purpose::Pool { .. }) || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
+    let large = status.is_some() || first_frames.len() > sys::DEFAULT_PIPE_BYTES;
     let (ours, theirs) =
         sys::link_pair(large).map_err(|e| PoolError::io("create a worker link", e))?;
     // The frames wait in the pipe, so the worker finds them the moment it
@@ -428,17 +330,10 @@ pub(crate) fn launch(
         .map_err(|e| PoolError::io("configure a worker link", e))?;
     let first_sent = sys::write_some(ours.write.as_raw_fd(), &first_frames)
         .map_err(|e| PoolError::io("write a worker's setup", e))?;
-    let status = match purpose {
-        Purpose::Pool { arena_half } => Some(
-            StatusPage::new(arena_half)
-                .map_err(|e| PoolError::io("create a worker status page", e))?,
-        ),
-        Purpose::Isolated => None,
-    };
     let new_worker = NewWorker {
         label,
         link: theirs,
-        status: status.as_ref().map(|s| s.fd.as_fd()),
+        status,
         model,
     };
     let (pid, reaper) = match method {
@@ -459,7 +354,6 @@ pub(crate) fn launch(
     Ok(Launched {
         pid,
         link: ours,
-        status,
         reaper,
         first_frames,
         first_sent,
