@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use procpool_worker::wire::{MAX_BATCH_TASKS, split_item};
+use procpool_worker::worker::jobs::BatchJob;
 use procpool_worker::worker::task::{BatchView, capturing};
 
 use crate::batching::BatchSizer;
@@ -310,7 +311,17 @@ where
     };
     // SAFETY: the caller's promise about the job and `archive`; a map keeps
     // no state.
-    unsafe { (job.runner)(job.fns, &mut None, archive, batch, &mut out) };
+    unsafe {
+        (job.runner)(
+            job.fns,
+            BatchJob {
+                state: &mut None,
+                archive,
+                batch,
+                out: &mut out,
+            },
+        )
+    };
     let mut outcomes = &out[..];
     match split_item(&mut outcomes) {
         Some(item) => capturing(|| crate::engine::decode_outcome(index, item)),

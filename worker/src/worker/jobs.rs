@@ -37,15 +37,23 @@ pub struct JobFns {
 /// state, once its `init` has run.
 pub type JobState = Option<Box<dyn Any>>;
 
-/// Type-erased entry point of a monomorphised job runner: runs `batch` and
-/// appends its outcomes to `out`.
-pub type BatchRunner = unsafe fn(
-    fns: JobFns,
-    state: &mut JobState,
-    archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-);
+/// What a runner works on: the job's state in this worker, the model's
+/// archive (empty without a model), the batch, and where its outcomes go.
+#[derive(Debug)]
+pub struct BatchJob<'a> {
+    /// The job's state, kept from batch to batch.
+    pub state: &'a mut JobState,
+    /// The model's archive.
+    pub archive: &'a [u8],
+    /// The batch to run.
+    pub batch: BatchView<'a>,
+    /// Where the batch's outcomes are appended.
+    pub out: &'a mut Vec<u8>,
+}
+
+/// Type-erased entry point of a monomorphised job runner: runs the batch
+/// and appends its outcomes.
+pub type BatchRunner = unsafe fn(fns: JobFns, job: BatchJob<'_>);
 
 /// A map over a model: `fns.task` is a `fn(&T, A) -> R`; one postcard
 /// `Result<R, TaskFailure>` per task.
@@ -56,13 +64,8 @@ pub type BatchRunner = unsafe fn(
 /// type parameters, and `archive` must hold a `T` that
 /// [`validate_archive::<T>`](crate::worker::task::validate_archive)
 /// accepted and that nobody can modify while it is borrowed.
-pub unsafe fn map_with_model<T, A, R>(
-    fns: JobFns,
-    _state: &mut JobState,
-    archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
+pub unsafe fn map_with_model<T, A, R>(fns: JobFns, job: BatchJob<'_>)
+where
     T: Portable,
     A: DeserializeOwned,
     R: Serialize,
@@ -71,8 +74,8 @@ pub unsafe fn map_with_model<T, A, R>(
     let func = unsafe { std::mem::transmute::<usize, fn(&T, A) -> R>(fns.task) };
     // SAFETY: the caller promises the archive was validated as a `T` and is
     // immutable.
-    let model: &T = unsafe { rkyv::access_unchecked::<T>(archive) };
-    run_items(batch, out, |arg| func(model, arg));
+    let model: &T = unsafe { rkyv::access_unchecked::<T>(job.archive) };
+    run_items(job.batch, job.out, |arg| func(model, arg));
 }
 
 /// A map without a model: `fns.task` is a `fn(A) -> R`; one postcard
@@ -82,19 +85,14 @@ pub unsafe fn map_with_model<T, A, R>(
 ///
 /// `fns.task` must be the address of a `fn(A) -> R` with exactly these type
 /// parameters.
-pub unsafe fn map<A, R>(
-    fns: JobFns,
-    _state: &mut JobState,
-    _archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
+pub unsafe fn map<A, R>(fns: JobFns, job: BatchJob<'_>)
+where
     A: DeserializeOwned,
     R: Serialize,
 {
     // SAFETY: the caller promises `fns.task` is a `fn(A) -> R`.
     let func = unsafe { std::mem::transmute::<usize, fn(A) -> R>(fns.task) };
-    run_items(batch, out, func);
+    run_items(job.batch, job.out, func);
 }
 
 /// A map-reduce: `fns.task` is the mapper, a `fn(A) -> R`, and
@@ -108,13 +106,8 @@ pub unsafe fn map<A, R>(
 ///
 /// `fns.task` must be the address of a `fn(A) -> R` and `fns.helper` of a
 /// `fn(R, R) -> R`, with exactly these type parameters.
-pub unsafe fn map_reduce<A, R>(
-    fns: JobFns,
-    _state: &mut JobState,
-    _archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
+pub unsafe fn map_reduce<A, R>(fns: JobFns, job: BatchJob<'_>)
+where
     A: DeserializeOwned,
     R: Serialize,
 {
@@ -125,6 +118,7 @@ pub unsafe fn map_reduce<A, R>(
     let mut partial: Result<Option<R>, TaskFailure> = Ok(None);
     // Set while the reducer runs: if it panics, the fold so far is gone.
     let mut folding_at: Option<u64> = None;
+    let BatchJob { batch, out, .. } = job;
     run_items(batch, out, |arg| {
         let result = mapper(arg);
         // After a reducer's panic the fold is gone: fold nothing more.
@@ -159,13 +153,8 @@ pub unsafe fn map_reduce<A, R>(
 /// `fns.helper` must be the address of a `fn() -> S` and `fns.task` of a
 /// `fn(&mut S, A) -> B`, with exactly these type parameters, and `state`
 /// must be this job's own (only ever given to this runner).
-pub unsafe fn stateful<S, A, B>(
-    fns: JobFns,
-    state: &mut JobState,
-    _archive: &[u8],
-    batch: BatchView<'_>,
-    out: &mut Vec<u8>,
-) where
+pub unsafe fn stateful<S, A, B>(fns: JobFns, job: BatchJob<'_>)
+where
     S: 'static,
     A: DeserializeOwned,
     B: Serialize,
@@ -174,6 +163,9 @@ pub unsafe fn stateful<S, A, B>(
     let init = unsafe { std::mem::transmute::<usize, fn() -> S>(fns.helper) };
     // SAFETY: the caller promises `fns.task` is a `fn(&mut S, A) -> B`.
     let step = unsafe { std::mem::transmute::<usize, fn(&mut S, A) -> B>(fns.task) };
+    let BatchJob {
+        state, batch, out, ..
+    } = job;
     if state.is_none() {
         match capturing(|| catch(init)) {
             Ok(s) => *state = Some(Box::new(s)),
@@ -218,8 +210,14 @@ mod tests {
             items: &items,
         };
         let mut out = Vec::new();
+        let job = BatchJob {
+            state,
+            archive: &[],
+            batch,
+            out: &mut out,
+        };
         // SAFETY: every test passes a runner instantiated for its functions.
-        unsafe { runner(fns, state, &[], batch, &mut out) };
+        unsafe { runner(fns, job) };
         let mut rest = &out[..];
         let mut outcomes = Vec::new();
         while !rest.is_empty() {

@@ -22,7 +22,7 @@ use crate::wire::{
     BatchHeader, NUM_PROCS_ENV, RESULTS_HEADER, Ready, ResultsHeader, Setup, THREAD_ENV_VARS,
     from_worker, level_filter_from_wire, to_worker,
 };
-use crate::worker::jobs::{BatchRunner, JobFns, JobState};
+use crate::worker::jobs::{BatchJob, BatchRunner, JobFns, JobState};
 use crate::worker::task::BatchView;
 
 fn fatal(message: String) -> ! {
@@ -277,7 +277,17 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
         // SAFETY: `runner` was monomorphised for the user's function type,
         // and the parent validated `archive`, which is immutable (see
         // `map_model`).
-        unsafe { runner(fns, &mut state, archive, batch, &mut out) };
+        unsafe {
+            runner(
+                fns,
+                BatchJob {
+                    state: &mut state,
+                    archive,
+                    batch,
+                    out: &mut out,
+                },
+            )
+        };
         crate::worker::status::idle();
         results.elapsed_ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         out[header_at..header_at + RESULTS_HEADER].copy_from_slice(&results.encode());
