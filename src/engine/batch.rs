@@ -140,3 +140,103 @@ pub(super) fn task_frame<A: Serialize>(
     frame::end_frame(out, start);
     Ok(())
 }
+
+/// An input iterator read lazily into batches of encoded arguments.
+pub(crate) struct Feed<I> {
+    input: I,
+    next_index: u64,
+    exhausted: bool,
+    /// An argument too large to share the batch before it: it goes out
+    /// alone, next.
+    overflow: Option<Batch>,
+    /// An argument that could not be encoded: its task fails alone.
+    failed: Option<(u64, TaskFailure)>,
+}
+
+impl<I, A> Feed<I>
+where
+    I: Iterator<Item = A>,
+    A: Serialize,
+{
+    /// A feed whose first task has index `first_index`.
+    pub(crate) fn new(input: I, first_index: u64) -> Self {
+        Feed {
+            input,
+            next_index: first_index,
+            exhausted: false,
+            overflow: None,
+            failed: None,
+        }
+    }
+
+    /// Whether every argument has gone into a batch (or failed).
+    pub(crate) fn is_done(&self) -> bool {
+        self.exhausted && self.overflow.is_none()
+    }
+
+    /// The next batch, of at most `max_count` tasks and about `max_bytes`
+    /// of arguments; `None` when the input is done, or when the next
+    /// argument failed to encode (then [`take_failed`](Self::take_failed)
+    /// has it).
+    pub(crate) fn next_batch(&mut self, (max_count, max_bytes): (usize, usize)) -> Option<Batch> {
+        if let Some(batch) = self.overflow.take() {
+            return Some(batch);
+        }
+        if self.exhausted {
+            return None;
+        }
+        let mut batch = Batch::new(self.next_index);
+        // Whether the next argument is expected to take 128 bytes or more
+        // (see `begin_item`): the first is; then each is like the one before.
+        let mut large = true;
+        while batch.offsets.len() < max_count && batch.items.len() < max_bytes {
+            let Some(item) = self.input.next() else {
+                self.exhausted = true;
+                break;
+            };
+            let mark = batch.items.len();
+            let index = self.next_index;
+            self.next_index += 1;
+            if let Err(failure) = encode_argument(item, &mut batch.items, &mut large) {
+                // This argument cannot be sent: it fails alone, and the batch
+                // so far goes out without it.
+                self.failed = Some((index, failure));
+                break;
+            }
+            if mark > 0 && batch.items.len() > max_bytes.min(MAX_ARGUMENT_BYTES) {
+                // It would take the batch past its byte limit (or past what
+                // a message carries): it starts the next batch instead.
+                let mut alone = Batch::new(index);
+                alone.offsets.push(0);
+                alone.items = batch.items.split_off(mark);
+                self.overflow = Some(alone);
+                break;
+            }
+            batch.offsets.push(mark as u32);
+        }
+        (!batch.offsets.is_empty()).then_some(batch)
+    }
+
+    /// The task whose argument failed to encode, if one did since the last
+    /// call.
+    pub(crate) fn take_failed(&mut self) -> Option<(u64, TaskFailure)> {
+        self.failed.take()
+    }
+
+    /// Gives up what is left: the overflow batch, if any, else the index of
+    /// the next argument (read and dropped); `None` when nothing is left.
+    pub(crate) fn give_up_next(&mut self) -> Option<Result<Batch, u64>> {
+        if let Some(batch) = self.overflow.take() {
+            return Some(Ok(batch));
+        }
+        self.input.next()?;
+        self.next_index += 1;
+        Some(Err(self.next_index - 1))
+    }
+
+    /// Reads nothing more.
+    pub(crate) fn stop(&mut self) {
+        self.exhausted = true;
+        self.overflow = None;
+    }
+}

@@ -6,12 +6,12 @@ use std::collections::VecDeque;
 use std::marker::PhantomData;
 
 use procpool_worker::stamps::{Step, stamp};
-use procpool_worker::wire::{MAX_ARGUMENT_BYTES, TaskFailure, split_item};
+use procpool_worker::wire::{TaskFailure, split_item};
 use procpool_worker::worker::task::{capturing, catch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::batch::{Batch, encode_argument};
+use super::batch::Feed;
 use super::dispatch::{Engine, Sink};
 use super::workers::Workers;
 use crate::batching::BatchSizer;
@@ -93,13 +93,8 @@ where
     R: DeserializeOwned,
 {
     engine: Engine<'p>,
-    input: I,
-    exhausted: bool,
-    next_index: u64,
+    feed: Feed<I>,
     results: Results<R>,
-    /// An argument too large to share the batch before it: it goes out
-    /// alone, next.
-    overflow: Option<Batch>,
     fail_fast: bool,
     /// Set once fail-fast has stopped the run.
     stopped: bool,
@@ -125,11 +120,8 @@ where
         stamp(Step::MapStart);
         Run {
             engine: Engine::new(workers, sizer, root_seed),
-            input,
-            exhausted: false,
-            next_index: first_index,
+            feed: Feed::new(input, first_index),
             results: Results::new(ordered, first_index),
-            overflow: None,
             fail_fast,
             stopped: false,
             _types: PhantomData,
@@ -159,8 +151,7 @@ where
                 return Some(result);
             }
             if !self.engine.in_flight() {
-                let idle = self.overflow.is_none() && !self.engine.has_queued();
-                if self.exhausted && idle {
+                if self.feed.is_done() && !self.engine.has_queued() {
                     return None;
                 }
                 if !self.engine.has_workers() {
@@ -176,16 +167,14 @@ where
     #[inline]
     fn feed(&mut self) {
         while self.engine.wants_batch() {
-            if let Some(batch) = self.overflow.take() {
-                self.engine.submit(batch);
-                continue;
+            let batch = self.feed.next_batch(self.engine.batch_limits());
+            stamp(Step::BatchBuilt);
+            if let Some((index, failure)) = self.feed.take_failed() {
+                self.results
+                    .put(index, Err(TaskError::from_failure(index, failure)));
             }
-            if self.exhausted {
-                return;
-            }
-            match self.build_batch() {
+            match batch {
                 Some(batch) => self.engine.submit(batch),
-                None if self.overflow.is_some() => {}
                 None => return,
             }
         }
@@ -194,61 +183,26 @@ where
     /// No worker runs and none could be started: fail what is left, one by one.
     fn fail_without_workers(&mut self) -> Option<(u64, Result<R, TaskError>)> {
         let msg = "no worker is running and none could be started";
-        if let Some(batch) = self.overflow.take().or_else(|| self.engine.take_queued()) {
-            for i in 0..u64::from(batch.count()) {
-                let index = batch.first_index + i;
-                self.results.put(index, Err(TaskError::pool(index, msg)));
+        let unsent = match self.engine.take_queued() {
+            Some(batch) => Ok(batch),
+            None => self.feed.give_up_next()?,
+        };
+        match unsent {
+            Ok(batch) => {
+                for i in 0..u64::from(batch.count()) {
+                    let index = batch.first_index + i;
+                    self.results.put(index, Err(TaskError::pool(index, msg)));
+                }
+                self.results.take()
             }
-            return self.results.take();
+            Err(index) => Some((index, Err(TaskError::pool(index, msg)))),
         }
-        let index = self.next_index;
-        self.input.next()?;
-        self.next_index += 1;
-        Some((index, Err(TaskError::pool(index, msg))))
-    }
-
-    /// Encodes the next batch of new input; `None` when there is none now.
-    fn build_batch(&mut self) -> Option<Batch> {
-        let (max_count, max_bytes) = self.engine.batch_limits();
-        let mut batch = Batch::new(self.next_index);
-        // Whether the next argument is expected to take 128 bytes or more
-        // (see `begin_item`): the first is; then each is like the one before.
-        let mut large = true;
-        while batch.offsets.len() < max_count && batch.items.len() < max_bytes {
-            let Some(item) = self.input.next() else {
-                self.exhausted = true;
-                break;
-            };
-            let mark = batch.items.len();
-            let index = self.next_index;
-            self.next_index += 1;
-            if let Err(failure) = encode_argument(item, &mut batch.items, &mut large) {
-                // This argument cannot be sent: it fails alone, and the batch
-                // so far goes out without it.
-                self.results
-                    .put(index, Err(TaskError::from_failure(index, failure)));
-                break;
-            }
-            if mark > 0 && batch.items.len() > max_bytes.min(MAX_ARGUMENT_BYTES) {
-                // It would take the batch past its byte limit (or past what
-                // a message carries): it starts the next batch instead.
-                let mut alone = Batch::new(index);
-                alone.offsets.push(0);
-                alone.items = batch.items.split_off(mark);
-                self.overflow = Some(alone);
-                break;
-            }
-            batch.offsets.push(mark as u32);
-        }
-        stamp(Step::BatchBuilt);
-        (!batch.offsets.is_empty()).then_some(batch)
     }
 
     /// Stops all work of this run: busy workers are killed and replaced, and
     /// nothing more is sent.
     fn cancel(&mut self) {
-        self.exhausted = true;
-        self.overflow = None;
+        self.feed.stop();
         self.engine.cancel();
     }
 }
