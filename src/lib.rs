@@ -15,6 +15,8 @@
 //!   [`Invoker::map_unordered`] apply it to a stream of arguments.
 //! - [`pool`] (or [`PoolBuilder`]) does the same for a plain `fn(A) -> R`,
 //!   with no model.
+//! - [`map_reduce`] (or [`MapReduceBuilder`]) maps and reduces in the
+//!   workers; only partial results travel.
 //! - [`run_sp`] (or [`Isolated`]) runs one call in a fresh process.
 //! - [`proc_count`] says how many processes to use.
 //! - [`init`] starts the fork server early; call it first in `main`.
@@ -75,6 +77,7 @@ mod invoker;
 mod isolated;
 mod launch;
 mod map;
+mod map_reduce;
 mod pool;
 mod seed;
 mod store;
@@ -85,6 +88,7 @@ pub use invoker::{Invoker, InvokerBuilder, TaskFn, invoker};
 pub use isolated::{Isolated, run_sp};
 pub use launch::{ForkPermit, StartMethod};
 pub use map::{Map, MapUnordered};
+pub use map_reduce::{MapReduce, MapReduceBuilder, map_reduce};
 pub use pool::{Pool, PoolBuilder, pool};
 pub use seed::{SEED_ENV, seed};
 pub use store::{

@@ -12,7 +12,7 @@ use procpool_worker::worker::jobs::BatchJob;
 use procpool_worker::worker::task::{BatchView, capturing};
 
 use crate::batching::BatchSizer;
-use crate::engine::{JobSpec, Policy, PoolSpec, Run, Workers};
+use crate::engine::{Engine, JobSpec, Policy, PoolSpec, Run, Workers};
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
 use crate::seed;
@@ -276,6 +276,38 @@ pub(crate) use executor_accessors;
 /// argument, the task's index and the root seed.
 pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;
 
+/// Runs `batch` here, as a worker would, through `job` with the model
+/// `archive`, and returns its RESULTS items (see `procpool_worker::wire`).
+///
+/// # Safety
+///
+/// As for calling the job's runner: it must be monomorphised for the types
+/// of the job's functions and of the batch's arguments, and `archive` must
+/// be what it expects.
+pub(crate) unsafe fn run_batch_here(
+    job: JobSpec,
+    archive: &[u8],
+    batch: &crate::engine::Batch,
+    root_seed: u64,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let view = BatchView {
+        first_index: batch.first_index(),
+        root_seed,
+        count: batch.count(),
+        items: batch.items(),
+    };
+    let job_io = BatchJob {
+        state: &mut None,
+        archive,
+        batch: view,
+        out: &mut out,
+    };
+    // SAFETY: the caller's promise about the job, the batch and `archive`.
+    unsafe { (job.runner)(job.fns, job_io) };
+    out
+}
+
 /// Runs task `index` on `arg` here, through the same encode → run → decode
 /// path a worker uses, so results and errors are those of a pool: the map
 /// `job`, with the model `archive`.
@@ -338,6 +370,7 @@ enum Backend {
 /// `n_jobs = 1`, and what every map on them shares.
 pub(crate) struct Executor<A, R> {
     backend: Backend,
+    job: JobSpec,
     in_process: InProcess<A, R>,
     sizer: BatchSizer,
     root_seed: u64,
@@ -401,6 +434,7 @@ where
         };
         Ok(Executor {
             backend,
+            job,
             in_process,
             sizer: BatchSizer::new(options.chunk_size),
             root_seed,
@@ -437,6 +471,29 @@ where
 }
 
 impl<A, R> Executor<A, R> {
+    /// Where a job's batches run: the engine over the workers, or `None`
+    /// for `n_jobs = 1`, where they run in this process (see
+    /// [`run_batch_here`]).
+    pub(crate) fn engine(&mut self) -> Option<Engine<'_>> {
+        match &mut self.backend {
+            Backend::InProcess => None,
+            Backend::Workers(workers) => {
+                Some(Engine::new(workers, &mut self.sizer, self.root_seed))
+            }
+        }
+    }
+
+    /// What the workers run.
+    pub(crate) fn job(&self) -> JobSpec {
+        self.job
+    }
+
+    /// How many tasks, and how many bytes of arguments, a batch holds at
+    /// most when it runs in this process.
+    pub(crate) fn batch_limits(&self) -> (usize, usize) {
+        (self.sizer.count() as usize, self.sizer.max_bytes())
+    }
+
     pub(crate) fn n_jobs(&self) -> usize {
         self.n_jobs
     }

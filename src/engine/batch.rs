@@ -23,6 +23,16 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// The index of its first task.
+    pub(crate) fn first_index(&self) -> u64 {
+        self.first_index
+    }
+
+    /// Its arguments, each an item (see `procpool_worker::wire::begin_item`).
+    pub(crate) fn items(&self) -> &[u8] {
+        &self.items
+    }
+
     /// An empty batch whose first task will have index `first_index`.
     pub(super) fn new(first_index: u64) -> Batch {
         Batch {
@@ -33,7 +43,7 @@ impl Batch {
         }
     }
 
-    pub(super) fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.offsets.len() as u32
     }
 

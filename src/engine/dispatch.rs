@@ -54,7 +54,7 @@ pub(crate) struct Engine<'p> {
 impl<'p> Engine<'p> {
     /// An engine over `workers`, whose tasks derive their seeds from
     /// `root_seed`, sizing batches with `sizer`.
-    pub(super) fn new(workers: &'p mut Workers, sizer: &'p mut BatchSizer, root_seed: u64) -> Self {
+    pub(crate) fn new(workers: &'p mut Workers, sizer: &'p mut BatchSizer, root_seed: u64) -> Self {
         Engine {
             workers,
             sizer,
@@ -67,7 +67,7 @@ impl<'p> Engine<'p> {
     /// How many tasks, and how many bytes of encoded arguments, the next
     /// batch should hold at most.
     #[inline]
-    pub(super) fn batch_limits(&self) -> (usize, usize) {
+    pub(crate) fn batch_limits(&self) -> (usize, usize) {
         (self.sizer.count() as usize, self.sizer.max_bytes())
     }
 
@@ -85,7 +85,7 @@ impl<'p> Engine<'p> {
     /// Sends queued batches to workers with room; then whether a worker
     /// would take a new batch at once.
     #[inline]
-    pub(super) fn wants_batch(&mut self) -> bool {
+    pub(crate) fn wants_batch(&mut self) -> bool {
         loop {
             let Some(slot) = self.free_slot() else {
                 return false;
@@ -100,7 +100,7 @@ impl<'p> Engine<'p> {
     /// Gives the engine a batch: it goes to a worker with room now, or
     /// waits its turn.
     #[inline]
-    pub(super) fn submit(&mut self, batch: Batch) {
+    pub(crate) fn submit(&mut self, batch: Batch) {
         match self.free_slot().filter(|_| self.queued.is_empty()) {
             Some(slot) => self.send(slot, batch),
             None => self.queued.push_back(batch),
@@ -118,29 +118,29 @@ impl<'p> Engine<'p> {
 
     /// Whether some worker holds a batch not answered yet.
     #[inline]
-    pub(super) fn in_flight(&self) -> bool {
+    pub(crate) fn in_flight(&self) -> bool {
         self.workers.workers.iter().any(|w| !w.in_flight.is_empty())
     }
 
     /// Whether batches wait to be sent.
-    pub(super) fn has_queued(&self) -> bool {
+    pub(crate) fn has_queued(&self) -> bool {
         !self.queued.is_empty()
     }
 
     /// Whether any worker is running (a pool that cannot replace its dead
     /// workers may have none left).
-    pub(super) fn has_workers(&self) -> bool {
+    pub(crate) fn has_workers(&self) -> bool {
         !self.workers.workers.is_empty()
     }
 
     /// Takes back the oldest batch waiting to be sent.
-    pub(super) fn take_queued(&mut self) -> Option<Batch> {
+    pub(crate) fn take_queued(&mut self) -> Option<Batch> {
         self.queued.pop_front()
     }
 
     /// Waits until some worker has results, died, or ran past a time limit,
     /// and delivers what came back to `sink`.
-    pub(super) fn wait(&mut self, sink: &mut dyn Sink) {
+    pub(crate) fn wait(&mut self, sink: &mut dyn Sink) {
         // Frames may already wait in a reader's buffer (they can arrive with
         // a READY); handle them before blocking on new ones.
         if let Some(slot) = self
@@ -384,7 +384,7 @@ impl<'p> Engine<'p> {
 
     /// Stops all work: busy workers are killed and replaced, and nothing
     /// queued is sent.
-    pub(super) fn cancel(&mut self) {
+    pub(crate) fn cancel(&mut self) {
         self.queued.clear();
         let workers = &mut *self.workers;
         for slot in (0..workers.workers.len()).rev() {
