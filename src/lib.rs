@@ -17,6 +17,8 @@
 //!   with no model.
 //! - [`map_reduce`] (or [`MapReduceBuilder`]) maps and reduces in the
 //!   workers; only partial results travel.
+//! - [`fold`] folds an input in chunks on a swappable [`ParallelMap`]
+//!   backend: [`Sequential`], [`Threads`] or [`Processes`].
 //! - [`run_sp`] (or [`Isolated`]) runs one call in a fresh process.
 //! - [`proc_count`] says how many processes to use.
 //! - [`init`] starts the fork server early; call it first in `main`.
@@ -73,6 +75,7 @@ mod batching;
 mod config;
 mod engine;
 mod error;
+mod fold;
 mod invoker;
 mod isolated;
 mod launch;
@@ -84,6 +87,7 @@ mod store;
 
 pub use config::{NUM_PROCS_ENV, THREAD_ENV_VARS, available_cpus, proc_count};
 pub use error::{ConfigError, ExitInfo, PoolError, StoreError, TaskError};
+pub use fold::{Mapper, ParallelMap, Processes, Sequential, Threads, fold};
 pub use invoker::{Invoker, InvokerBuilder, TaskFn, invoker};
 pub use isolated::{Isolated, run_sp};
 pub use launch::{ForkPermit, StartMethod};

@@ -64,6 +64,13 @@ impl TaskError {
     /// Task `index` failed with its worker `worker_id` (process `pid`),
     /// which ended as `ended` says (how, and the tail of its stderr), if
     /// known.
+    /// The same error for a task `by` places further on (its index in a
+    /// larger input).
+    pub(crate) fn offset_index(mut self, by: u64) -> TaskError {
+        self.index += by;
+        self
+    }
+
     pub(crate) fn worker_died(
         index: u64,
         worker_id: u32,

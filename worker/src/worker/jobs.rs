@@ -95,6 +95,27 @@ where
     run_items(job.batch, job.out, func);
 }
 
+/// A map whose task folds a chunk: `fns.task` is a binary operation, a
+/// `fn(R, T) -> R`, and each task's argument an `(R, Vec<T>)`, the chunk
+/// and the value its fold starts from; one postcard `Result<R,
+/// TaskFailure>` per task.
+///
+/// # Safety
+///
+/// `fns.task` must be the address of a `fn(R, T) -> R` with exactly these
+/// type parameters.
+pub unsafe fn fold_chunks<T, R>(fns: JobFns, job: BatchJob<'_>)
+where
+    T: DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    // SAFETY: the caller promises `fns.task` is a `fn(R, T) -> R`.
+    let binop = unsafe { std::mem::transmute::<usize, fn(R, T) -> R>(fns.task) };
+    run_items(job.batch, job.out, |(start, chunk): (R, Vec<T>)| {
+        chunk.into_iter().fold(start, binop)
+    });
+}
+
 /// A map-reduce: `fns.task` is the mapper, a `fn(A) -> R`, and
 /// `fns.helper` the reducer, a `fn(R, R) -> R`, which folds the batch's
 /// results here. Outcomes: one postcard `Result<(), TaskFailure>` per task,
