@@ -15,6 +15,8 @@
 //!   [`Invoker::map_unordered`] apply it to a stream of arguments.
 //! - [`pool`] (or [`PoolBuilder`]) does the same for a plain `fn(A) -> R`,
 //!   with no model.
+//! - [`processor`] (or [`ProcessorBuilder`]) takes tasks one by one from a
+//!   producer and hands each result to a collector here.
 //! - [`map_reduce`] (or [`MapReduceBuilder`]) maps and reduces in the
 //!   workers; only partial results travel.
 //! - [`fold`] folds an input in chunks on a swappable [`ParallelMap`]
@@ -82,6 +84,7 @@ mod launch;
 mod map;
 mod map_reduce;
 mod pool;
+mod processor;
 mod seed;
 mod store;
 
@@ -94,6 +97,7 @@ pub use launch::{ForkPermit, StartMethod};
 pub use map::{Map, MapUnordered};
 pub use map_reduce::{MapReduce, MapReduceBuilder, map_reduce};
 pub use pool::{Pool, PoolBuilder, pool};
+pub use processor::{Processor, ProcessorBuilder, Summary, processor};
 pub use seed::{SEED_ENV, seed};
 pub use store::{
     ArchivedModel, Model, ModelStore, StoreSink, persist, persist_to_path, persist_with_schema,

@@ -12,7 +12,7 @@ use procpool_worker::worker::jobs::BatchJob;
 use procpool_worker::worker::task::{BatchView, capturing};
 
 use crate::batching::BatchSizer;
-use crate::engine::{Engine, JobSpec, Policy, PoolSpec, Run, Workers};
+use crate::engine::{Backlog, Engine, JobSpec, Policy, PoolSpec, Run, Workers};
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
 use crate::seed;
@@ -471,6 +471,25 @@ where
 }
 
 impl<A, R> Executor<A, R> {
+    /// Runs task `index` on `arg` in this process (`n_jobs = 1`).
+    pub(crate) fn run_here(&self, arg: A, index: u64) -> Result<R, TaskError> {
+        (self.in_process)(arg, index, self.root_seed)
+    }
+
+    /// The engine over the workers, going on from `backlog`, or `None` for
+    /// `n_jobs = 1`.
+    pub(crate) fn resume(&mut self, backlog: Backlog) -> Option<Engine<'_>> {
+        match &mut self.backend {
+            Backend::InProcess => None,
+            Backend::Workers(workers) => Some(Engine::resume(
+                workers,
+                &mut self.sizer,
+                self.root_seed,
+                backlog,
+            )),
+        }
+    }
+
     /// Where a job's batches run: the engine over the workers, or `None`
     /// for `n_jobs = 1`, where they run in this process (see
     /// [`run_batch_here`]).

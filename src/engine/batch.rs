@@ -33,8 +33,25 @@ impl Batch {
         &self.items
     }
 
+    /// Adds a task whose argument is `arg` (see [`encode_argument`]).
+    pub(crate) fn push_argument<A: Serialize>(
+        &mut self,
+        arg: A,
+        large: &mut bool,
+    ) -> Result<(), TaskFailure> {
+        let mark = self.items.len();
+        encode_argument(arg, &mut self.items, large)?;
+        self.offsets.push(mark as u32);
+        Ok(())
+    }
+
+    /// Bytes of encoded arguments.
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.items.len()
+    }
+
     /// An empty batch whose first task will have index `first_index`.
-    pub(super) fn new(first_index: u64) -> Batch {
+    pub(crate) fn new(first_index: u64) -> Batch {
         Batch {
             first_index,
             offsets: Vec::new(),

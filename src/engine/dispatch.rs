@@ -51,16 +51,43 @@ pub(crate) struct Engine<'p> {
     ledger: Ledger,
 }
 
+/// What an engine keeps from one call to the next, for a driver that
+/// cannot keep it borrowed in between (a producer adding tasks one by one):
+/// the batches waiting to go out, and the deaths charged so far.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    queued: VecDeque<Batch>,
+    ledger: Ledger,
+}
+
 impl<'p> Engine<'p> {
     /// An engine over `workers`, whose tasks derive their seeds from
     /// `root_seed`, sizing batches with `sizer`.
     pub(crate) fn new(workers: &'p mut Workers, sizer: &'p mut BatchSizer, root_seed: u64) -> Self {
+        Engine::resume(workers, sizer, root_seed, Backlog::default())
+    }
+
+    /// An engine that goes on where one left off with `backlog`.
+    pub(crate) fn resume(
+        workers: &'p mut Workers,
+        sizer: &'p mut BatchSizer,
+        root_seed: u64,
+        backlog: Backlog,
+    ) -> Self {
         Engine {
             workers,
             sizer,
             root_seed,
-            queued: VecDeque::new(),
-            ledger: Ledger::default(),
+            queued: backlog.queued,
+            ledger: backlog.ledger,
+        }
+    }
+
+    /// Lets the workers go, keeping what the engine has not finished.
+    pub(crate) fn suspend(self) -> Backlog {
+        Backlog {
+            queued: self.queued,
+            ledger: self.ledger,
         }
     }
 

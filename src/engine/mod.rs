@@ -41,7 +41,7 @@ use procpool_worker::worker::jobs::{BatchRunner, JobFns};
 use crate::launch::StartMethod;
 
 pub(crate) use batch::{Batch, Feed, encode_argument};
-pub(crate) use dispatch::{Engine, Sink};
+pub(crate) use dispatch::{Backlog, Engine, Sink};
 pub(crate) use run::{Run, decode_outcome};
 pub(crate) use workers::Workers;
 

@@ -1,0 +1,444 @@
+//! A processor with a collector, as pyrallel's `ParallelProcessor`: a
+//! producer adds tasks one by one, workers map them, and a collector in this
+//! process receives each result as it completes.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use procpool_worker::wire::split_item;
+use procpool_worker::worker::jobs::{self, BatchRunner};
+use procpool_worker::worker::task::{capturing, catch};
+
+use std::marker::PhantomData;
+
+use crate::engine::{Backlog, Batch, JobSpec, Sink, decode_outcome};
+use crate::error::{PoolError, TaskError};
+use crate::map::{Executor, MapOptions, executor_accessors, map_options};
+
+/// What a processor did: tasks collected with a value, and with an error.
+///
+/// ```
+/// let summary = procpool::Summary { done: 9, failed: 1 };
+/// assert_eq!(summary.done + summary.failed, 10);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Tasks whose result the collector received.
+    pub done: u64,
+    /// Tasks whose error the collector received.
+    pub failed: u64,
+}
+
+/// Creates a processor that maps each task added with `mapper` in `n_jobs`
+/// worker processes (`n_jobs = 1`: in this process) and hands each result,
+/// with its task's index, to `collector`, here, as tasks complete.
+///
+/// ```
+/// // The seed's example: the mapper returns (x * x, y + 5), the collector
+/// // keeps the larger.
+/// fn heavy_calculation((x, y): (u64, u64)) -> (u64, u64) {
+///     (x * x, y + 5)
+/// }
+/// let mut result = Vec::new();
+/// let mut pp = procpool::processor(heavy_calculation, 2, |_, r: Result<(u64, u64), _>| {
+///     let (r1, r2) = r.unwrap();
+///     result.push(r1.max(r2));
+/// })?;
+/// for i in 0..8 {
+///     pp.add_task((i, i + 1))?;
+/// }
+/// let summary = pp.join()?;
+/// assert_eq!(summary.done, 8);
+/// result.sort();
+/// assert_eq!(result, [6, 7, 8, 9, 16, 25, 36, 49]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// Fails if `n_jobs` is 0 or the workers cannot be started.
+pub fn processor<A, R, C>(
+    mapper: fn(A) -> R,
+    n_jobs: usize,
+    collector: C,
+) -> Result<Processor<A, R, C>, PoolError>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+    C: FnMut(u64, Result<R, TaskError>),
+{
+    ProcessorBuilder::new(mapper)
+        .n_jobs(n_jobs)
+        .build(collector)
+}
+
+/// Configures a [`Processor`].
+///
+/// ```
+/// fn double(x: u32) -> u32 {
+///     x * 2
+/// }
+/// let mut sum = 0;
+/// let mut pp = procpool::ProcessorBuilder::new(double)
+///     .n_jobs(2)
+///     .chunk_size(100)
+///     .build(|_, r: Result<u32, _>| sum += r.unwrap())?;
+/// for x in 0..1_000 {
+///     pp.add_task(x)?;
+/// }
+/// pp.join()?;
+/// assert_eq!(sum, 999_000);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ProcessorBuilder<A, R> {
+    mapper: fn(A) -> R,
+    options: MapOptions,
+}
+
+impl<A, R> std::fmt::Debug for ProcessorBuilder<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorBuilder")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A, R> ProcessorBuilder<A, R>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+{
+    /// Starts a configuration for `mapper`.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let builder = procpool::ProcessorBuilder::new(double).n_jobs(2);
+    /// # let _ = builder;
+    /// ```
+    pub fn new(mapper: fn(A) -> R) -> Self {
+        ProcessorBuilder {
+            mapper,
+            options: MapOptions::default(),
+        }
+    }
+
+    map_options!();
+
+    /// Starts the workers, with `collector` to receive each task's index
+    /// and result as it completes.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let pp = procpool::ProcessorBuilder::new(double).build(|_, _| {})?;
+    /// assert_eq!(pp.join()?, procpool::Summary::default());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`PoolBuilder::build`](crate::PoolBuilder::build).
+    pub fn build<C>(self, collector: C) -> Result<Processor<A, R, C>, PoolError>
+    where
+        C: FnMut(u64, Result<R, TaskError>),
+    {
+        let fail_fast = self.options.fail_fast;
+        let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.mapper as usize);
+        let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
+            // SAFETY: `map` is instantiated with the types of the job's
+            // function, which takes no model.
+            unsafe { crate::map::run_here::<A, R>(job, &[], arg, (index, root_seed)) }
+        });
+        let executor = Executor::start(self.options, job, None, in_process)?;
+        Ok(Processor {
+            executor,
+            backlog: Some(Backlog::default()),
+            collected: Collected {
+                collector,
+                summary: Summary::default(),
+                stopped: None,
+                fail_fast,
+                _result: PhantomData,
+            },
+            pending: None,
+            next_index: 0,
+            large: true,
+        })
+    }
+}
+
+/// A mapper over worker processes fed one task at a time, with a collector
+/// here. Made by [`processor`] or [`ProcessorBuilder`].
+///
+/// [`add_task`](Processor::add_task) blocks while the workers have as much
+/// work as they may hold (a few batches each), collecting results in the
+/// meantime: backpressure, with no spinning and no unbounded queue. A
+/// panic or a crash in the mapper is that task's error, handed to the
+/// collector; a panic in the collector stops the processor, and `add_task`
+/// and [`join`](Processor::join) then return its error. Dropping the
+/// processor without `join` stops the tasks still running and the workers.
+pub struct Processor<A, R, C> {
+    executor: Executor<A, R>,
+    /// The engine's work in progress between calls.
+    backlog: Option<Backlog>,
+    collected: Collected<R, C>,
+    /// Tasks added and not yet sent.
+    pending: Option<Batch>,
+    next_index: u64,
+    /// Whether the next argument is expected to be large (see `begin_item`).
+    large: bool,
+}
+
+impl<A, R, C> std::fmt::Debug for Processor<A, R, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("n_jobs", &self.executor.n_jobs())
+            .field("added", &self.next_index)
+            .field("summary", &self.collected.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A, R, C> Processor<A, R, C>
+where
+    A: Serialize + DeserializeOwned + 'static,
+    R: Serialize + DeserializeOwned + 'static,
+    C: FnMut(u64, Result<R, TaskError>),
+{
+    /// Adds a task; returns its index. Blocks while the workers are full,
+    /// collecting results meanwhile.
+    ///
+    /// ```
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    /// let mut pp = procpool::processor(square, 2, |_, _| {})?;
+    /// assert_eq!(pp.add_task(3)?, 0);
+    /// assert_eq!(pp.add_task(4)?, 1);
+    /// pp.join()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the processor: a panic in the collector, or,
+    /// with `fail_fast`, the first failed task.
+    pub fn add_task(&mut self, arg: A) -> Result<u64, TaskError> {
+        if let Some(error) = &self.collected.stopped {
+            return Err(error.clone());
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let Some(backlog) = self.backlog.take() else {
+            return Err(TaskError::pool(index, "the processor has stopped"));
+        };
+        let (max_count, max_bytes) = self.executor.batch_limits();
+        let Some(mut engine) = self.executor.resume(backlog) else {
+            // n_jobs = 1: run it now, here.
+            self.backlog = Some(Backlog::default());
+            let result = self.executor.run_here(arg, index);
+            self.collected.deliver(index, result);
+            return self.status(index);
+        };
+        let batch = self.pending.get_or_insert_with(|| Batch::new(index));
+        match batch.push_argument(arg, &mut self.large) {
+            Ok(()) => {}
+            Err(failure) => {
+                // It fails alone; the batch goes on without it, so the
+                // tasks after it start a batch of their own.
+                let unsent = self.pending.take().filter(|b| b.count() > 0);
+                if let Some(unsent) = unsent {
+                    self.pending = Some(unsent);
+                    send_pending(&mut engine, &mut self.pending, &mut self.collected);
+                }
+                self.collected
+                    .deliver(index, Err(TaskError::from_failure(index, failure)));
+                self.backlog = Some(engine.suspend());
+                return self.status(index);
+            }
+        }
+        let full = batch.count() as usize >= max_count || batch.encoded_len() >= max_bytes;
+        // A batch goes out when full, or at once when the workers are idle,
+        // so a slow producer's tasks do not wait for company.
+        if full || !engine.in_flight() {
+            send_pending(&mut engine, &mut self.pending, &mut self.collected);
+        }
+        if self.collected.stopped.is_some() {
+            engine.cancel();
+        }
+        self.backlog = Some(engine.suspend());
+        self.status(index)
+    }
+
+    fn status(&self, index: u64) -> Result<u64, TaskError> {
+        match &self.collected.stopped {
+            Some(error) => Err(error.clone()),
+            None => Ok(index),
+        }
+    }
+
+    /// Sends what is pending, waits until every task added has been
+    /// collected, stops the workers, and says how it went.
+    ///
+    /// ```
+    /// fn fail_on_2(x: u8) -> u8 {
+    ///     assert_ne!(x, 2);
+    ///     x
+    /// }
+    /// let mut errors = Vec::new();
+    /// let mut pp = procpool::processor(fail_on_2, 2, |i, r: Result<u8, _>| {
+    ///     if r.is_err() {
+    ///         errors.push(i);
+    ///     }
+    /// })?;
+    /// for x in 0..5 {
+    ///     pp.add_task(x)?;
+    /// }
+    /// assert_eq!(pp.join()?, procpool::Summary { done: 4, failed: 1 });
+    /// assert_eq!(errors, [2]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the processor: a panic in the collector, or,
+    /// with `fail_fast`, the first failed task.
+    pub fn join(mut self) -> Result<Summary, TaskError> {
+        if let Some(backlog) = self.backlog.take()
+            && let Some(mut engine) = self.executor.resume(backlog)
+        {
+            send_pending(&mut engine, &mut self.pending, &mut self.collected);
+            while self.collected.stopped.is_none() && (engine.in_flight() || engine.has_queued()) {
+                if !engine.in_flight() {
+                    // Queued work and idle workers: send it.
+                    if !engine.has_workers() {
+                        break;
+                    }
+                    engine.wants_batch();
+                    continue;
+                }
+                engine.wait(&mut self.collected);
+            }
+            if self.collected.stopped.is_some() {
+                engine.cancel();
+            }
+        }
+        self.executor.stop();
+        match self.collected.stopped.take() {
+            Some(error) => Err(error),
+            None => Ok(self.collected.summary),
+        }
+    }
+}
+
+impl<A, R, C> Processor<A, R, C> {
+    executor_accessors!();
+}
+
+impl<A, R, C> Drop for Processor<A, R, C> {
+    fn drop(&mut self) {
+        // Work still running belongs to nobody now: stop it rather than
+        // wait for it.
+        if let Some(backlog) = self.backlog.take()
+            && let Some(mut engine) = self.executor.resume(backlog)
+        {
+            engine.cancel();
+        }
+    }
+}
+
+/// Sends the pending batch, waiting (and collecting) until a worker takes
+/// it.
+fn send_pending<C>(
+    engine: &mut crate::engine::Engine<'_>,
+    pending: &mut Option<Batch>,
+    collected: &mut C,
+) where
+    C: Sink + Stopped,
+{
+    let Some(batch) = pending.take() else {
+        return;
+    };
+    while !engine.wants_batch() && !collected.is_stopped() {
+        if !engine.in_flight() && !engine.has_workers() {
+            break;
+        }
+        engine.wait(collected);
+    }
+    engine.submit(batch);
+}
+
+/// Whether the collector (or fail-fast) has stopped the processor.
+trait Stopped {
+    fn is_stopped(&self) -> bool;
+}
+
+/// The collector, and what it has been given.
+struct Collected<R, C> {
+    collector: C,
+    summary: Summary,
+    /// The error that stopped the processor.
+    stopped: Option<TaskError>,
+    fail_fast: bool,
+    _result: PhantomData<fn(R)>,
+}
+
+impl<R, C> Stopped for Collected<R, C> {
+    fn is_stopped(&self) -> bool {
+        self.stopped.is_some()
+    }
+}
+
+impl<R, C> Collected<R, C>
+where
+    C: FnMut(u64, Result<R, TaskError>),
+{
+    /// Hands one result to the collector, under `catch_unwind`.
+    fn deliver(&mut self, index: u64, result: Result<R, TaskError>) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let failed = result.as_ref().err().cloned();
+        let collector = &mut self.collector;
+        match capturing(|| catch(|| collector(index, result))) {
+            Ok(()) => {}
+            Err(failure) => {
+                self.stopped = Some(TaskError::from_failure(index, failure));
+                return;
+            }
+        }
+        match failed {
+            None => self.summary.done += 1,
+            Some(error) => {
+                self.summary.failed += 1;
+                if self.fail_fast {
+                    self.stopped = Some(error);
+                }
+            }
+        }
+    }
+}
+
+impl<R, C> Sink for Collected<R, C>
+where
+    R: DeserializeOwned,
+    C: FnMut(u64, Result<R, TaskError>),
+{
+    fn outcomes(&mut self, first_index: u64, count: u32, mut items: &[u8]) {
+        for i in 0..u64::from(count) {
+            let index = first_index + i;
+            let result = match split_item(&mut items) {
+                Some(item) => capturing(|| decode_outcome::<R>(index, item)),
+                None => Err(TaskError::bad_result(index, "malformed results")),
+            };
+            self.deliver(index, result);
+        }
+    }
+
+    fn failed(&mut self, index: u64, error: TaskError) {
+        self.deliver(index, Err(error));
+    }
+}

@@ -1,0 +1,186 @@
+//! The processor with a collector (pyrallel's ParallelProcessor): tasks
+//! added one by one, results collected here as they complete.
+
+mod common;
+
+use common::*;
+use std::cell::RefCell;
+use std::time::Duration;
+
+fn heavy_calculation((x, y): (u64, u64)) -> (u64, u64) {
+    (x * x, y + 5)
+}
+
+#[test]
+fn the_seeds_example_for_1_2_and_4_jobs() {
+    for n_jobs in [1, 2, 4] {
+        let mut result = Vec::new();
+        let mut pp = procpool::processor(heavy_calculation, n_jobs, |_, r: Result<_, _>| {
+            let (r1, r2) = r.unwrap();
+            result.push(r1.max(r2));
+        })
+        .unwrap();
+        for i in 0..8 {
+            pp.add_task((i, i + 1)).unwrap();
+        }
+        assert_eq!(pp.join().unwrap().done, 8);
+        result.sort_unstable();
+        assert_eq!(result, [6, 7, 8, 9, 16, 25, 36, 49], "n_jobs {n_jobs}");
+    }
+}
+
+fn square(x: u64) -> u64 {
+    if x == 500 {
+        panic!("500 fails");
+    }
+    x * x
+}
+
+#[test]
+fn every_task_is_collected_once_with_its_index() {
+    for n_jobs in [1, 2, 4] {
+        for chunk in [None, Some(1), Some(64)] {
+            let mut seen = vec![0u32; 10_000];
+            let mut errors = Vec::new();
+            let mut builder = procpool::ProcessorBuilder::new(square).n_jobs(n_jobs);
+            if let Some(chunk) = chunk {
+                builder = builder.chunk_size(chunk);
+            }
+            let mut pp = builder
+                .build(|i, r: Result<u64, procpool::TaskError>| {
+                    seen[i as usize] += 1;
+                    match r {
+                        Ok(v) => assert_eq!(v, i * i),
+                        Err(e) => errors.push((i, e.panic_message().map(str::to_string))),
+                    }
+                })
+                .unwrap();
+            for x in 0..10_000u64 {
+                assert_eq!(pp.add_task(x).unwrap(), x);
+            }
+            let summary = pp.join().unwrap();
+            assert_eq!(
+                summary,
+                procpool::Summary {
+                    done: 9_999,
+                    failed: 1
+                }
+            );
+            assert!(
+                seen.iter().all(|&n| n == 1),
+                "n_jobs {n_jobs}, chunk {chunk:?}"
+            );
+            assert_eq!(errors, [(500, Some("500 fails".to_string()))]);
+        }
+    }
+}
+
+fn slow(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(5));
+    x
+}
+
+#[test]
+fn add_task_blocks_while_the_workers_are_full() {
+    let collected = RefCell::new(0u64);
+    let mut pp = procpool::ProcessorBuilder::new(slow)
+        .n_jobs(2)
+        .chunk_size(1)
+        .build(|_, r: Result<u64, _>| {
+            r.unwrap();
+            *collected.borrow_mut() += 1;
+        })
+        .unwrap();
+    let mut most_ahead = 0;
+    for x in 0..200u64 {
+        pp.add_task(x).unwrap();
+        most_ahead = most_ahead.max(x + 1 - *collected.borrow());
+    }
+    // Two workers hold two batches of one task each, and one waits here.
+    assert!(most_ahead <= 6, "{most_ahead} tasks ahead of the collector");
+    pp.join().unwrap();
+    assert_eq!(*collected.borrow(), 200);
+}
+
+fn double(x: u64) -> u64 {
+    x * 2
+}
+
+#[test]
+fn a_panic_in_the_collector_ends_join_with_its_error() {
+    for n_jobs in [1, 2] {
+        let mut pp = procpool::processor(double, n_jobs, |i, _: Result<u64, _>| {
+            if i == 30 {
+                panic!("the collector gives up");
+            }
+        })
+        .unwrap();
+        let mut refused = None;
+        for x in 0..1_000u64 {
+            if let Err(e) = pp.add_task(x) {
+                refused = Some(e);
+                break;
+            }
+        }
+        let err = match refused {
+            Some(e) => e,
+            None => pp.join().unwrap_err(),
+        };
+        assert_eq!(err.task_index(), 30, "{err}");
+        assert_eq!(err.panic_message(), Some("the collector gives up"));
+    }
+}
+
+fn kill_at_77(x: u64) -> u64 {
+    if x == 77 {
+        // SAFETY: kill on our own pid only ends this worker.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    x
+}
+
+#[test]
+fn a_worker_killed_mid_job_fails_its_task_alone() {
+    no_core_dumps();
+    let mut seen = vec![0u32; 300];
+    let mut failed = Vec::new();
+    let mut pp = procpool::processor(kill_at_77, 2, |i, r: Result<u64, procpool::TaskError>| {
+        seen[i as usize] += 1;
+        if let Err(e) = r {
+            failed.push((i, e.signal()));
+        }
+    })
+    .unwrap();
+    for x in 0..300u64 {
+        pp.add_task(x).unwrap();
+    }
+    let summary = pp.join().unwrap();
+    assert_eq!(
+        summary,
+        procpool::Summary {
+            done: 299,
+            failed: 1
+        }
+    );
+    assert!(seen.iter().all(|&n| n == 1));
+    assert_eq!(failed, [(77, Some(libc::SIGKILL))]);
+}
+
+fn sleepy(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_secs(30));
+    x
+}
+
+#[test]
+fn dropping_it_without_join_stops_the_workers_promptly() {
+    let started = std::time::Instant::now();
+    let mut pp = procpool::processor(sleepy, 2, |_, _: Result<u64, _>| {}).unwrap();
+    let pids = pp.worker_pids();
+    assert_eq!(pids.len(), 2);
+    for x in 0..2u64 {
+        pp.add_task(x).unwrap();
+    }
+    drop(pp);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_all_exit(&pids, "the processor was dropped");
+}
