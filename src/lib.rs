@@ -98,7 +98,7 @@ pub use map::{Map, MapUnordered};
 pub use map_reduce::{MapReduce, MapReduceBuilder, map_reduce};
 pub use pool::{Pool, PoolBuilder, pool};
 pub use processor::{Processor, ProcessorBuilder, Summary, processor};
-pub use seed::{SEED_ENV, seed};
+pub use seed::{SEED_ENV, seed, worker_id};
 pub use store::{
     ArchivedModel, Model, ModelStore, StoreSink, persist, persist_to_path, persist_with_schema,
 };

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use procpool_worker::wire::{MAX_BATCH_TASKS, split_item};
-use procpool_worker::worker::jobs::BatchJob;
+use procpool_worker::worker::jobs::{BatchJob, JobState};
 use procpool_worker::worker::task::{BatchView, capturing};
 
 use crate::batching::BatchSizer;
@@ -277,7 +277,8 @@ pub(crate) use executor_accessors;
 pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;
 
 /// Runs `batch` here, as a worker would, through `job` with the model
-/// `archive`, and returns its RESULTS items (see `procpool_worker::wire`).
+/// `archive` and the job's `state` in this process, and returns its RESULTS
+/// items (see `procpool_worker::wire`).
 ///
 /// # Safety
 ///
@@ -286,6 +287,7 @@ pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError
 /// be what it expects.
 pub(crate) unsafe fn run_batch_here(
     job: JobSpec,
+    state: &mut JobState,
     archive: &[u8],
     batch: &crate::engine::Batch,
     root_seed: u64,
@@ -298,7 +300,7 @@ pub(crate) unsafe fn run_batch_here(
         items: batch.items(),
     };
     let job_io = BatchJob {
-        state: &mut None,
+        state,
         archive,
         batch: view,
         out: &mut out,
@@ -471,11 +473,6 @@ where
 }
 
 impl<A, R> Executor<A, R> {
-    /// Runs task `index` on `arg` in this process (`n_jobs = 1`).
-    pub(crate) fn run_here(&self, arg: A, index: u64) -> Result<R, TaskError> {
-        (self.in_process)(arg, index, self.root_seed)
-    }
-
     /// The engine over the workers, going on from `backlog`, or `None` for
     /// `n_jobs = 1`.
     pub(crate) fn resume(&mut self, backlog: Backlog) -> Option<Engine<'_>> {

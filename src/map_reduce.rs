@@ -235,7 +235,8 @@ where
                 };
                 // SAFETY: the job's runner was instantiated for `A` and `R`,
                 // and a map-reduce has no model.
-                let out = unsafe { crate::map::run_batch_here(job, &[], &batch, root_seed) };
+                let out =
+                    unsafe { crate::map::run_batch_here(job, &mut None, &[], &batch, root_seed) };
                 reduction.outcomes(batch.first_index(), batch.count(), &out);
             },
             Some(mut engine) => loop {

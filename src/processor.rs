@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use procpool_worker::wire::split_item;
-use procpool_worker::worker::jobs::{self, BatchRunner};
+use procpool_worker::worker::jobs::{self, BatchRunner, JobState};
 use procpool_worker::worker::task::{capturing, catch};
 
 use std::marker::PhantomData;
@@ -91,8 +91,10 @@ where
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct ProcessorBuilder<A, R> {
-    mapper: fn(A) -> R,
+    /// What the workers run: a map, or a stateful stage per worker.
+    job: JobSpec,
     options: MapOptions,
+    _types: PhantomData<fn(A) -> R>,
 }
 
 impl<A, R> std::fmt::Debug for ProcessorBuilder<A, R> {
@@ -119,8 +121,52 @@ where
     /// ```
     pub fn new(mapper: fn(A) -> R) -> Self {
         ProcessorBuilder {
-            mapper,
+            job: JobSpec::map(jobs::map::<A, R> as BatchRunner, mapper as usize),
             options: MapOptions::default(),
+            _types: PhantomData,
+        }
+    }
+
+    /// A mapper with per-worker state, as pyrallel's `Mapper` with its
+    /// `enter()`: `init` runs once in each worker (and once here for
+    /// `n_jobs = 1`) before its first task, for example to open one file or
+    /// connection per worker ([`worker_id`](crate::worker_id) tells which
+    /// worker it is); then `step` runs on every task that worker gets, with
+    /// the state. The state never leaves its process, so it need not be
+    /// serialisable. A worker that dies takes its state with it; its
+    /// replacement runs `init` again.
+    ///
+    /// ```
+    /// fn open() -> Vec<u64> {
+    ///     Vec::new() // a connection, a file, a cache…
+    /// }
+    /// fn remember(seen: &mut Vec<u64>, x: u64) -> usize {
+    ///     seen.push(x);
+    ///     seen.len() // how many this worker has seen
+    /// }
+    /// let mut most = 0;
+    /// let mut pp = procpool::ProcessorBuilder::with_state(open, remember)
+    ///     .n_jobs(2)
+    ///     .build(|_, r: Result<usize, _>| most = most.max(r.unwrap()))?;
+    /// for x in 0..100 {
+    ///     pp.add_task(x)?;
+    /// }
+    /// pp.join()?;
+    /// assert!(most >= 50); // one of the two workers saw at least half
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_state<S: 'static>(init: fn() -> S, step: fn(&mut S, A) -> R) -> Self {
+        ProcessorBuilder {
+            job: JobSpec {
+                kind: procpool_worker::wire::JobKind::Stateful,
+                runner: jobs::stateful::<S, A, R> as BatchRunner,
+                fns: procpool_worker::worker::jobs::JobFns {
+                    task: step as usize,
+                    helper: init as usize,
+                },
+            },
+            options: MapOptions::default(),
+            _types: PhantomData,
         }
     }
 
@@ -146,13 +192,17 @@ where
         C: FnMut(u64, Result<R, TaskError>),
     {
         let fail_fast = self.options.fail_fast;
-        let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.mapper as usize);
-        let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-            // SAFETY: `map` is instantiated with the types of the job's
-            // function, which takes no model.
-            unsafe { crate::map::run_here::<A, R>(job, &[], arg, (index, root_seed)) }
+        let job = self.job;
+        // A processor runs its tasks here as one-task batches (see
+        // `add_task`), so that a stage keeps its state: the executor's
+        // task-by-task path is never taken.
+        let one_by_one = Box::new(|_: A, index: u64, _: u64| -> Result<R, TaskError> {
+            Err(TaskError::pool(
+                index,
+                "a processor runs batches, not single tasks",
+            ))
         });
-        let executor = Executor::start(self.options, job, None, in_process)?;
+        let executor = Executor::start(self.options, job, None, one_by_one)?;
         Ok(Processor {
             executor,
             backlog: Some(Backlog::default()),
@@ -166,6 +216,7 @@ where
             pending: None,
             next_index: 0,
             large: true,
+            local_state: None,
         })
     }
 }
@@ -190,6 +241,8 @@ pub struct Processor<A, R, C> {
     next_index: u64,
     /// Whether the next argument is expected to be large (see `begin_item`).
     large: bool,
+    /// A stage's state when it runs in this process (`n_jobs = 1`).
+    local_state: JobState,
 }
 
 impl<A, R, C> std::fmt::Debug for Processor<A, R, C> {
@@ -236,11 +289,32 @@ where
             return Err(TaskError::pool(index, "the processor has stopped"));
         };
         let (max_count, max_bytes) = self.executor.batch_limits();
+        let job = self.executor.job();
+        let root_seed = self.executor.root_seed();
         let Some(mut engine) = self.executor.resume(backlog) else {
-            // n_jobs = 1: run it now, here.
+            // n_jobs = 1: run it now, here, as a worker would.
             self.backlog = Some(Backlog::default());
-            let result = self.executor.run_here(arg, index);
-            self.collected.deliver(index, result);
+            let mut batch = Batch::new(index);
+            match batch.push_argument(arg, &mut true) {
+                Ok(()) => {
+                    // SAFETY: the job's runner was instantiated for its
+                    // functions' types and `A`, and `local_state` is this
+                    // job's alone; a processor has no model.
+                    let out = unsafe {
+                        crate::map::run_batch_here(
+                            job,
+                            &mut self.local_state,
+                            &[],
+                            &batch,
+                            root_seed,
+                        )
+                    };
+                    self.collected.outcomes(index, 1, &out);
+                }
+                Err(failure) => self
+                    .collected
+                    .deliver(index, Err(TaskError::from_failure(index, failure))),
+            }
             return self.status(index);
         };
         let batch = self.pending.get_or_insert_with(|| Batch::new(index));

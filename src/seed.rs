@@ -39,6 +39,24 @@ fn os_random() -> u64 {
     h.finish()
 }
 
+/// This worker's number in its pool (0, 1, … as workers are started; a
+/// replacement gets a new number), or `None` outside a pool's worker
+/// process (`n_jobs = 1` runs in the caller, which is no worker). A stage's
+/// `init` may use it, as pyrallel's `Mapper.enter()` uses its index.
+///
+/// ```
+/// fn which(_: u8) -> Option<u32> {
+///     procpool::worker_id()
+/// }
+/// let mut pool = procpool::pool(which, 2)?;
+/// assert!(pool.map(0..4u8).all(|id| id.unwrap().is_some_and(|id| id < 2)));
+/// assert_eq!(procpool::worker_id(), None);
+/// # Ok::<(), procpool::PoolError>(())
+/// ```
+pub fn worker_id() -> Option<u32> {
+    procpool_worker::worker::task::worker_id()
+}
+
 /// The seed of the task running on this thread, or `None` outside a task.
 ///
 /// Each task's seed derives from the invoker's root seed and the task's index

@@ -184,3 +184,50 @@ fn dropping_it_without_join_stops_the_workers_promptly() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_all_exit(&pids, "the processor was dropped");
 }
+
+static INITS_HERE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Per-worker state: which worker, and how many tasks it has seen.
+fn open_worker() -> (Option<u32>, u64, u32) {
+    let inits = INITS_HERE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    (procpool::worker_id(), 0, inits)
+}
+
+fn count_in_worker(state: &mut (Option<u32>, u64, u32), _: u64) -> (Option<u32>, u64, u32, u32) {
+    state.1 += 1;
+    (state.0, state.1, std::process::id(), state.2)
+}
+
+#[test]
+fn per_worker_state_is_set_up_once_in_each_worker_and_kept() {
+    for n_jobs in [1, 2, 4] {
+        let mut per_process: std::collections::HashMap<u32, (Option<u32>, u64, u32)> =
+            std::collections::HashMap::new();
+        let mut pp = procpool::ProcessorBuilder::with_state(open_worker, count_in_worker)
+            .n_jobs(n_jobs)
+            .chunk_size(10)
+            .build(|_, r: Result<_, procpool::TaskError>| {
+                let (id, seen, pid, inits) = r.unwrap();
+                let entry = per_process.entry(pid).or_insert((id, 0, inits));
+                // Counts only grow within a process: its state is kept.
+                entry.1 = entry.1.max(seen);
+                assert_eq!(entry.2, inits, "init ran once in process {pid}");
+                assert_eq!(entry.0, id);
+            })
+            .unwrap();
+        for x in 0..1_000u64 {
+            pp.add_task(x).unwrap();
+        }
+        assert_eq!(pp.join().unwrap().done, 1_000);
+        let total: u64 = per_process.values().map(|v| v.1).sum();
+        assert_eq!(total, 1_000, "n_jobs {n_jobs}: each task counted once in one state");
+        assert!(per_process.len() <= n_jobs.max(1));
+        if n_jobs > 1 {
+            assert!(per_process.values().all(|v| v.0.is_some() && v.2 == 1));
+            assert!(!per_process.contains_key(&std::process::id()));
+        } else {
+            assert_eq!(per_process.keys().collect::<Vec<_>>(), [&std::process::id()]);
+            assert_eq!(per_process.values().next().unwrap().0, None);
+        }
+    }
+}

@@ -188,6 +188,7 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
     }
     drop_env_placeholders(&setup.env);
     crate::worker::log_forward::install(level_filter_from_wire(setup.max_log_level));
+    crate::worker::task::set_worker_id(setup.worker_id);
     if let Some(status) = status
         && let Err(e) = crate::worker::status::install(status, setup.timed)
     {

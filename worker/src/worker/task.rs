@@ -317,6 +317,23 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<RecordedPanic>> = const { RefCell::new(None) };
 }
 
+/// This worker's number in its pool, set once from its setup.
+static WORKER_ID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Records this process's number in its pool (a worker's setup does).
+pub fn set_worker_id(id: u32) {
+    let _ = WORKER_ID.set(id);
+}
+
+/// This process's number in its pool, if it is a pool's worker.
+///
+/// ```
+/// assert_eq!(procpool_worker::worker::task::worker_id(), None);
+/// ```
+pub fn worker_id() -> Option<u32> {
+    WORKER_ID.get().copied()
+}
+
 /// The task this thread is running, if any.
 pub fn current_task() -> Option<TaskContext> {
     CURRENT.with(|c| c.get())
