@@ -131,15 +131,29 @@ fn double(_: &ArchivedSmall, arg: Value) -> Value {
 /// What a run gave: each task's value or error, in order.
 type Outcomes = Vec<Result<u64, procpool::TaskError>>;
 
-fn run(fault: Fault, n_jobs: usize, chunk: Option<usize>) -> (Outcomes, Vec<u32>, Vec<u32>) {
-    let store = procpool::persist(&small()).unwrap();
-    let mut builder = procpool::InvokerBuilder::new(&store, double)
+/// An invoker of `f` with `n_jobs` workers, a fixed chunk size or automatic
+/// batching, and `max_tries` tries per task.
+fn invoker<A, R>(
+    store: &procpool::ModelStore<Small>,
+    f: procpool::TaskFn<Small, A, R>,
+    (n_jobs, chunk, max_tries): (usize, Option<usize>, u32),
+) -> procpool::Invoker<Small, A, R>
+where
+    A: serde::Serialize + serde::de::DeserializeOwned + 'static,
+    R: serde::Serialize + serde::de::DeserializeOwned + 'static,
+{
+    let mut builder = procpool::InvokerBuilder::new(store, f)
         .n_jobs(n_jobs)
-        .max_tries(2);
+        .max_tries(max_tries);
     if let Some(chunk) = chunk {
         builder = builder.chunk_size(chunk);
     }
-    let mut inv = builder.build().unwrap();
+    builder.build().unwrap()
+}
+
+fn run(fault: Fault, n_jobs: usize, chunk: Option<usize>) -> (Outcomes, Vec<u32>, Vec<u32>) {
+    let store = procpool::persist(&small()).unwrap();
+    let mut inv = invoker(&store, double, (n_jobs, chunk, 2));
     let before = inv.worker_pids();
     let outcomes: Outcomes = inv
         .map((0..N).map(|x| Value::new(x, fault)))
@@ -247,12 +261,7 @@ fn a_panic_a_task_caught_does_not_name_a_later_failure() {
     let store = procpool::persist(&small()).unwrap();
     for n_jobs in [1, 2, 4] {
         for chunk in [None, Some(1), Some(10)] {
-            let mut builder =
-                procpool::InvokerBuilder::new(&store, catch_then_resume).n_jobs(n_jobs);
-            if let Some(chunk) = chunk {
-                builder = builder.chunk_size(chunk);
-            }
-            let mut inv = builder.build().unwrap();
+            let mut inv = invoker(&store, catch_then_resume, (n_jobs, chunk, 2));
             let outcomes: Vec<_> = inv.map(0..10u64).collect();
             for (i, outcome) in outcomes.iter().enumerate() {
                 match outcome {
@@ -325,13 +334,7 @@ fn a_worker_that_dies_with_no_task_running_blames_no_task_that_had_not_started()
     for n_jobs in [2, 4] {
         for chunk in [None, Some(7), Some(N as usize)] {
             let what = format!("n_jobs {n_jobs}, chunk {chunk:?}");
-            let mut builder = procpool::InvokerBuilder::new(&store, die_between_tasks)
-                .n_jobs(n_jobs)
-                .max_tries(1);
-            if let Some(chunk) = chunk {
-                builder = builder.chunk_size(chunk);
-            }
-            let mut inv = builder.build().unwrap();
+            let mut inv = invoker(&store, die_between_tasks, (n_jobs, chunk, 1));
             let outcomes: Vec<_> = inv.map(0..N).collect();
             for (i, outcome) in outcomes.iter().enumerate() {
                 let i = i as u64;

@@ -220,13 +220,19 @@ fn per_worker_state_is_set_up_once_in_each_worker_and_kept() {
         }
         assert_eq!(pp.join().unwrap().done, 1_000);
         let total: u64 = per_process.values().map(|v| v.1).sum();
-        assert_eq!(total, 1_000, "n_jobs {n_jobs}: each task counted once in one state");
+        assert_eq!(
+            total, 1_000,
+            "n_jobs {n_jobs}: each task counted once in one state"
+        );
         assert!(per_process.len() <= n_jobs.max(1));
         if n_jobs > 1 {
             assert!(per_process.values().all(|v| v.0.is_some() && v.2 == 1));
             assert!(!per_process.contains_key(&std::process::id()));
         } else {
-            assert_eq!(per_process.keys().collect::<Vec<_>>(), [&std::process::id()]);
+            assert_eq!(
+                per_process.keys().collect::<Vec<_>>(),
+                [&std::process::id()]
+            );
             assert_eq!(per_process.values().next().unwrap().0, None);
         }
     }
