@@ -207,8 +207,8 @@ where
                 &mut sizer,
                 std::iter::empty::<A>(),
                 (root_seed, index),
-                true,
-                false,
+                (true, false),
+                crate::progress::Tracker::new(None),
             );
             run.next_result()
         };

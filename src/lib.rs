@@ -85,6 +85,7 @@ mod map;
 mod map_reduce;
 mod pool;
 mod processor;
+mod progress;
 mod seed;
 mod store;
 
@@ -98,6 +99,9 @@ pub use map::{Map, MapUnordered};
 pub use map_reduce::{MapReduce, MapReduceBuilder, map_reduce};
 pub use pool::{Pool, PoolBuilder, pool};
 pub use processor::{Processor, ProcessorBuilder, Summary, processor};
+pub use progress::Progress;
+#[cfg(feature = "progress-bar")]
+pub use progress::progress_bar;
 pub use seed::{SEED_ENV, seed, worker_id};
 pub use store::{
     ArchivedModel, Model, ModelStore, StoreSink, persist, persist_to_path, persist_with_schema,

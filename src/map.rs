@@ -15,6 +15,7 @@ use crate::batching::BatchSizer;
 use crate::engine::{Backlog, Engine, JobSpec, Policy, PoolSpec, Run, Workers};
 use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
+use crate::progress::{ProgressFn, Tracker};
 use crate::seed;
 
 /// The options of a map-running builder, before they are checked.
@@ -28,6 +29,7 @@ pub(crate) struct MapOptions {
     pub memory_limit: Option<u64>,
     pub max_tries: u32,
     pub fail_fast: bool,
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for MapOptions {
@@ -41,6 +43,7 @@ impl Default for MapOptions {
             memory_limit: None,
             max_tries: 2,
             fail_fast: false,
+            progress: None,
         }
     }
 }
@@ -163,6 +166,28 @@ macro_rules! map_options {
         /// ```
         pub fn fail_fast(mut self, on: bool) -> Self {
             self.options.fail_fast = on;
+            self
+        }
+
+        /// Calls `report` with the [`Progress`](crate::Progress) of each
+        /// run (tasks submitted, done, failed, time) as results arrive, at
+        /// most ten times a second and once at the end, from this process:
+        /// workers are never woken for it.
+        ///
+        /// ```
+        /// # fn f(x: u8) -> u8 { x }
+        /// let mut pool = procpool::PoolBuilder::new(f)
+        ///     .n_jobs(2)
+        ///     .on_progress(|p| eprintln!("{} of {} done", p.done, p.submitted))
+        ///     .build()?;
+        /// assert_eq!(pool.map(0..10u8).count(), 10);
+        /// # Ok::<(), procpool::PoolError>(())
+        /// ```
+        pub fn on_progress(
+            mut self,
+            report: impl Fn(&crate::Progress) + Send + Sync + 'static,
+        ) -> Self {
+            self.options.progress = Some(crate::progress::ProgressFn(std::sync::Arc::new(report)));
             self
         }
     };
@@ -372,6 +397,7 @@ enum Backend {
 /// `n_jobs = 1`, and what every map on them shares.
 pub(crate) struct Executor<A, R> {
     backend: Backend,
+    progress: Option<ProgressFn>,
     job: JobSpec,
     in_process: InProcess<A, R>,
     sizer: BatchSizer,
@@ -436,6 +462,7 @@ where
         };
         Ok(Executor {
             backend,
+            progress: options.progress.clone(),
             job,
             in_process,
             sizer: BatchSizer::new(options.chunk_size),
@@ -459,14 +486,15 @@ where
                 root_seed: self.root_seed,
                 fail_fast: self.fail_fast,
                 stopped: false,
+                tracker: Tracker::new(self.progress.clone()),
             },
             Backend::Workers(workers) => MapInner::Workers(Run::new(
                 workers,
                 &mut self.sizer,
                 input,
                 (self.root_seed, 0),
-                ordered,
-                self.fail_fast,
+                (ordered, self.fail_fast),
+                Tracker::new(self.progress.clone()),
             )),
         }
     }
@@ -565,6 +593,7 @@ where
         root_seed: u64,
         fail_fast: bool,
         stopped: bool,
+        tracker: Tracker,
     },
     Workers(Run<'a, I, A, R>),
 }
@@ -585,15 +614,25 @@ where
                 root_seed,
                 fail_fast,
                 stopped,
+                tracker,
             } => {
                 if *stopped {
                     return None;
                 }
-                let arg = input.next()?;
+                let Some(arg) = input.next() else {
+                    tracker.finish();
+                    return None;
+                };
                 let index = *next_index;
                 *next_index += 1;
+                tracker.submitted(1);
                 let result = run(arg, index, *root_seed);
+                tracker.finished(result.is_ok());
+                tracker.tick();
                 *stopped = *fail_fast && result.is_err();
+                if *stopped {
+                    tracker.finish();
+                }
                 Some((index, result))
             }
         }

@@ -13,6 +13,7 @@ use procpool_worker::worker::task::{capturing, catch};
 use crate::engine::{Feed, JobSpec, Sink, decode_outcome};
 use crate::error::{PoolError, TaskError};
 use crate::map::{Executor, MapOptions, executor_accessors, map_options};
+use crate::progress::{ProgressFn, Tracker};
 
 /// Creates a map-reduce of `mapper` and `reducer` over `n_jobs` worker
 /// processes (`n_jobs = 1`: in this process).
@@ -145,10 +146,12 @@ where
                 "a map-reduce runs batches, not single tasks",
             ))
         });
+        let progress = self.options.progress.clone();
         let executor = Executor::start(self.options, job, None, one_by_one)?;
         Ok(MapReduce {
             executor,
             reducer: self.reducer,
+            progress,
         })
     }
 }
@@ -177,6 +180,7 @@ where
 pub struct MapReduce<A, R> {
     executor: Executor<A, R>,
     reducer: fn(R, R) -> R,
+    progress: Option<ProgressFn>,
 }
 
 impl<A, R> std::fmt::Debug for MapReduce<A, R> {
@@ -220,6 +224,7 @@ where
             reducer: self.reducer,
             total: None,
             error: None,
+            tracker: Tracker::new(self.progress.clone()),
         };
         let job = self.executor.job();
         let limits = self.executor.batch_limits();
@@ -233,6 +238,7 @@ where
                 let Some(batch) = batch.filter(|_| reduction.error.is_none()) else {
                     break;
                 };
+                reduction.tracker.submitted(u64::from(batch.count()));
                 // SAFETY: the job's runner was instantiated for `A` and `R`,
                 // and a map-reduce has no model.
                 let out =
@@ -248,7 +254,10 @@ where
                         reduction.fail(TaskError::from_failure(index, failure));
                     }
                     match batch {
-                        Some(batch) => engine.submit(batch),
+                        Some(batch) => {
+                            reduction.tracker.submitted(u64::from(batch.count()));
+                            engine.submit(batch)
+                        }
                         None => break,
                     }
                 }
@@ -270,6 +279,7 @@ where
                 engine.wait(&mut reduction);
             },
         }
+        reduction.tracker.finish();
         match reduction.error {
             Some(error) => Err(error),
             None => Ok(reduction.total),
@@ -287,6 +297,7 @@ struct Reduction<R> {
     reducer: fn(R, R) -> R,
     total: Option<R>,
     error: Option<TaskError>,
+    tracker: Tracker,
 }
 
 impl<R> Reduction<R> {
@@ -311,10 +322,12 @@ impl<R: DeserializeOwned> Sink for Reduction<R> {
                     Some(item) => decode_outcome::<()>(index, item),
                     None => Err(TaskError::bad_result(index, "malformed results")),
                 };
+                self.tracker.finished(outcome.is_ok());
                 if let Err(error) = outcome {
                     self.fail(error);
                 }
             }
+            self.tracker.tick();
             let partial = match split_item(&mut items) {
                 Some(item) => decode_outcome::<Option<R>>(first_index, item),
                 None => Err(TaskError::bad_result(
@@ -344,6 +357,8 @@ impl<R: DeserializeOwned> Sink for Reduction<R> {
     }
 
     fn failed(&mut self, _index: u64, error: TaskError) {
+        self.tracker.finished(false);
+        self.tracker.tick();
         self.fail(error);
     }
 }

@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 use crate::engine::{Backlog, Batch, JobSpec, Sink, decode_outcome};
 use crate::error::{PoolError, TaskError};
 use crate::map::{Executor, MapOptions, executor_accessors, map_options};
+use crate::progress::Tracker;
 
 /// What a processor did: tasks collected with a value, and with an error.
 ///
@@ -192,6 +193,7 @@ where
         C: FnMut(u64, Result<R, TaskError>),
     {
         let fail_fast = self.options.fail_fast;
+        let progress = self.options.progress.clone();
         let job = self.job;
         // A processor runs its tasks here as one-task batches (see
         // `add_task`), so that a stage keeps its state: the executor's
@@ -211,6 +213,7 @@ where
                 summary: Summary::default(),
                 stopped: None,
                 fail_fast,
+                tracker: Tracker::new(progress),
                 _result: PhantomData,
             },
             pending: None,
@@ -285,6 +288,7 @@ where
         }
         let index = self.next_index;
         self.next_index += 1;
+        self.collected.tracker.submitted(1);
         let Some(backlog) = self.backlog.take() else {
             return Err(TaskError::pool(index, "the processor has stopped"));
         };
@@ -401,6 +405,7 @@ where
             }
         }
         self.executor.stop();
+        self.collected.tracker.finish();
         match self.collected.stopped.take() {
             Some(error) => Err(error),
             None => Ok(self.collected.summary),
@@ -457,6 +462,7 @@ struct Collected<R, C> {
     /// The error that stopped the processor.
     stopped: Option<TaskError>,
     fail_fast: bool,
+    tracker: Tracker,
     _result: PhantomData<fn(R)>,
 }
 
@@ -476,6 +482,7 @@ where
             return;
         }
         let failed = result.as_ref().err().cloned();
+        self.tracker.finished(failed.is_none());
         let collector = &mut self.collector;
         match capturing(|| catch(|| collector(index, result))) {
             Ok(()) => {}
@@ -510,9 +517,11 @@ where
             };
             self.deliver(index, result);
         }
+        self.tracker.tick();
     }
 
     fn failed(&mut self, index: u64, error: TaskError) {
         self.deliver(index, Err(error));
+        self.tracker.tick();
     }
 }

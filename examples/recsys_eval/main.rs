@@ -92,13 +92,18 @@ fn score(
     top_n: u32,
     jobs: usize,
 ) -> Result<Run, Box<dyn std::error::Error>> {
-    let mut invoker = procpool::invoker(store, als::recommend, jobs)?;
     let bar = progress(users.len() as u64, &format!("{jobs} job(s)"));
+    // The invoker reports its progress from this process as results
+    // arrive; the bar (hidden when stderr is not a terminal) follows it.
+    let follower = bar.clone();
+    let mut invoker = procpool::InvokerBuilder::new(store, als::recommend)
+        .n_jobs(jobs)
+        .on_progress(move |p| follower.set_position(p.done + p.failed))
+        .build()?;
     let start = Instant::now();
     let mut lists = Vec::with_capacity(users.len());
     for list in invoker.map(users.iter().map(|&u| (u, top_n))) {
         lists.push(list?);
-        bar.inc(1);
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();

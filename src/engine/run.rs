@@ -16,6 +16,7 @@ use super::dispatch::{Engine, Sink};
 use super::workers::Workers;
 use crate::batching::BatchSizer;
 use crate::error::TaskError;
+use crate::progress::Tracker;
 
 /// Where results wait until the caller takes them.
 enum Results<R> {
@@ -73,15 +74,25 @@ impl<R> Results<R> {
     }
 }
 
-impl<R: DeserializeOwned> Sink for Results<R> {
+/// Where a run's outcomes arrive: its results, and its progress.
+struct Arrivals<'a, R> {
+    results: &'a mut Results<R>,
+    tracker: &'a mut Tracker,
+}
+
+impl<R: DeserializeOwned> Sink for Arrivals<'_, R> {
     fn outcomes(&mut self, first_index: u64, count: u32, items: &[u8]) {
         decode_outcomes(first_index, count, items, |index, result| {
-            self.put(index, result)
+            self.tracker.finished(result.is_ok());
+            self.results.put(index, result)
         });
+        self.tracker.tick();
     }
 
     fn failed(&mut self, index: u64, error: TaskError) {
-        self.put(index, Err(error));
+        self.tracker.finished(false);
+        self.tracker.tick();
+        self.results.put(index, Err(error));
     }
 }
 
@@ -95,6 +106,7 @@ where
     engine: Engine<'p>,
     feed: Feed<I>,
     results: Results<R>,
+    tracker: Tracker,
     fail_fast: bool,
     /// Set once fail-fast has stopped the run.
     stopped: bool,
@@ -114,14 +126,15 @@ where
         sizer: &'p mut BatchSizer,
         input: I,
         (root_seed, first_index): (u64, u64),
-        ordered: bool,
-        fail_fast: bool,
+        (ordered, fail_fast): (bool, bool),
+        tracker: Tracker,
     ) -> Self {
         stamp(Step::MapStart);
         Run {
             engine: Engine::new(workers, sizer, root_seed),
             feed: Feed::new(input, first_index),
             results: Results::new(ordered, first_index),
+            tracker,
             fail_fast,
             stopped: false,
             _types: PhantomData,
@@ -137,6 +150,7 @@ where
         if self.fail_fast && result.1.is_err() {
             self.cancel();
             self.stopped = true;
+            self.tracker.finish();
         }
         Some(result)
     }
@@ -152,6 +166,7 @@ where
             }
             if !self.engine.in_flight() {
                 if self.feed.is_done() && !self.engine.has_queued() {
+                    self.tracker.finish();
                     return None;
                 }
                 if !self.engine.has_workers() {
@@ -159,7 +174,10 @@ where
                 }
                 continue;
             }
-            self.engine.wait(&mut self.results);
+            self.engine.wait(&mut Arrivals {
+                results: &mut self.results,
+                tracker: &mut self.tracker,
+            });
         }
     }
 
@@ -174,7 +192,10 @@ where
                     .put(index, Err(TaskError::from_failure(index, failure)));
             }
             match batch {
-                Some(batch) => self.engine.submit(batch),
+                Some(batch) => {
+                    self.tracker.submitted(u64::from(batch.count()));
+                    self.engine.submit(batch)
+                }
                 None => return,
             }
         }
