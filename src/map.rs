@@ -479,7 +479,7 @@ where
         ordered: bool,
     ) -> MapInner<'_, A, R, I> {
         match &mut self.backend {
-            Backend::InProcess => MapInner::InProcess {
+            Backend::InProcess => MapInner::InProcess(InProcessRun {
                 run: &self.in_process,
                 input,
                 next_index: 0,
@@ -487,7 +487,7 @@ where
                 fail_fast: self.fail_fast,
                 stopped: false,
                 tracker: Tracker::new(self.progress.clone()),
-            },
+            }),
             Backend::Workers(workers) => MapInner::Workers(Run::new(
                 workers,
                 &mut self.sizer,
@@ -586,15 +586,7 @@ where
     A: Serialize,
     R: DeserializeOwned,
 {
-    InProcess {
-        run: &'a InProcess<A, R>,
-        input: I,
-        next_index: u64,
-        root_seed: u64,
-        fail_fast: bool,
-        stopped: bool,
-        tracker: Tracker,
-    },
+    InProcess(InProcessRun<'a, A, R, I>),
     Workers(Run<'a, I, A, R>),
 }
 
@@ -604,38 +596,52 @@ where
     A: Serialize,
     R: DeserializeOwned,
 {
+    #[inline]
     fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
         match self {
             MapInner::Workers(run) => run.next_result(),
-            MapInner::InProcess {
-                run,
-                input,
-                next_index,
-                root_seed,
-                fail_fast,
-                stopped,
-                tracker,
-            } => {
-                if *stopped {
-                    return None;
-                }
-                let Some(arg) = input.next() else {
-                    tracker.finish();
-                    return None;
-                };
-                let index = *next_index;
-                *next_index += 1;
-                tracker.submitted(1);
-                let result = run(arg, index, *root_seed);
-                tracker.finished(result.is_ok());
-                tracker.tick();
-                *stopped = *fail_fast && result.is_err();
-                if *stopped {
-                    tracker.finish();
-                }
-                Some((index, result))
-            }
+            MapInner::InProcess(here) => here.next_result(),
         }
+    }
+}
+
+/// A map run in this process (`n_jobs = 1`), one task at a time.
+pub(crate) struct InProcessRun<'a, A, R, I> {
+    run: &'a InProcess<A, R>,
+    input: I,
+    next_index: u64,
+    root_seed: u64,
+    fail_fast: bool,
+    stopped: bool,
+    tracker: Tracker,
+}
+
+impl<A, R, I> InProcessRun<'_, A, R, I>
+where
+    I: Iterator<Item = A>,
+{
+    // Kept out of line: the workers' path, which shares `Map::next` with
+    // it, stays small.
+    #[inline(never)]
+    fn next_result(&mut self) -> Option<(u64, Result<R, TaskError>)> {
+        if self.stopped {
+            return None;
+        }
+        let Some(arg) = self.input.next() else {
+            self.tracker.finish();
+            return None;
+        };
+        let index = self.next_index;
+        self.next_index += 1;
+        self.tracker.submitted(1);
+        let result = (self.run)(arg, index, self.root_seed);
+        self.tracker.finished(result.is_ok());
+        self.tracker.tick();
+        self.stopped = self.fail_fast && result.is_err();
+        if self.stopped {
+            self.tracker.finish();
+        }
+        Some((index, result))
     }
 }
 

@@ -104,6 +104,13 @@ impl Tracker {
         }
     }
 
+    /// Whether anyone listens: without a callback the tracker counts
+    /// nothing.
+    #[inline]
+    pub(crate) fn is_active(&self) -> bool {
+        self.callback.is_some()
+    }
+
     /// `n` more tasks were sent.
     #[inline]
     pub(crate) fn submitted(&mut self, n: u64) {
