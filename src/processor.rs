@@ -134,8 +134,11 @@ where
     /// connection per worker ([`worker_id`](crate::worker_id) tells which
     /// worker it is); then `step` runs on every task that worker gets, with
     /// the state. The state never leaves its process, so it need not be
-    /// serialisable. A worker that dies takes its state with it; its
-    /// replacement runs `init` again.
+    /// serialisable. Its `Drop` is the teardown (pyrallel's `exit()`): it
+    /// runs when the worker is stopped by [`join`](Processor::join) (or
+    /// here, for `n_jobs = 1`). A worker that dies, or that dropping the
+    /// processor kills, takes its state with it unfinished; a replacement
+    /// runs `init` again.
     ///
     /// ```
     /// fn open() -> Vec<u64> {
@@ -405,6 +408,15 @@ where
             }
         }
         self.executor.stop();
+        // A stage run here: its state's `Drop` is its teardown, user code
+        // like any other, so its panic is an error, not an unwinding.
+        if let Some(state) = self.local_state.take()
+            && let Err(failure) = capturing(|| catch(move || drop(state)))
+            && self.collected.stopped.is_none()
+        {
+            let last = self.next_index.saturating_sub(1);
+            self.collected.stopped = Some(TaskError::from_failure(last, failure));
+        }
         self.collected.tracker.finish();
         match self.collected.stopped.take() {
             Some(error) => Err(error),

@@ -237,3 +237,60 @@ fn per_worker_state_is_set_up_once_in_each_worker_and_kept() {
         }
     }
 }
+
+/// A per-worker "connection" whose teardown leaves a file behind.
+struct Connection {
+    dir: Option<String>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let path = format!("{dir}/closed-by-{}", std::process::id());
+            std::fs::write(path, b"closed").unwrap();
+        }
+    }
+}
+
+fn connect() -> Connection {
+    Connection { dir: None }
+}
+
+fn use_connection(conn: &mut Connection, (x, dir): (u64, String)) -> u64 {
+    conn.dir = Some(dir);
+    x
+}
+
+#[test]
+fn per_worker_state_is_torn_down_when_the_processor_joins() {
+    for n_jobs in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().to_string_lossy().into_owned();
+        let mut pp = procpool::ProcessorBuilder::with_state(connect, use_connection)
+            .n_jobs(n_jobs)
+            .chunk_size(1)
+            .build(|_, r: Result<u64, _>| {
+                r.unwrap();
+            })
+            .unwrap();
+        let pids = pp.worker_pids();
+        for x in 0..100u64 {
+            pp.add_task((x, named.clone())).unwrap();
+        }
+        assert_eq!(pp.join().unwrap().done, 100);
+        let closed: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if n_jobs == 1 {
+            assert_eq!(closed, [format!("closed-by-{}", std::process::id())]);
+        } else {
+            // Every worker that set a connection up closed it as it ended.
+            assert!(!closed.is_empty(), "no teardown ran");
+            for name in &closed {
+                let pid: u32 = name.trim_start_matches("closed-by-").parse().unwrap();
+                assert!(pids.contains(&pid), "{name} is not one of {pids:?}");
+            }
+        }
+    }
+}

@@ -241,7 +241,7 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
     loop {
         let (tag, body) = match reader.read_frame(fd) {
             Ok(Some(frame)) => frame,
-            Ok(None) => leave(0),
+            Ok(None) => finish(state),
             Err(e) => fatal(format!("cannot read from the parent: {e}")),
         };
         let body = match tag {
@@ -250,7 +250,7 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
                 Some(body) => body,
                 None => fatal(format!("bad arena span ({} bytes)", body.len())),
             },
-            to_worker::SHUTDOWN => leave(0),
+            to_worker::SHUTDOWN => finish(state),
             other => fatal(format!(
                 "unexpected frame tag {other} ({} bytes)",
                 body.len()
@@ -308,6 +308,21 @@ pub fn run_adopted(fds: WorkerFds) -> ! {
             out = Vec::new();
         }
     }
+}
+
+/// Ends a worker that was asked to stop, or whose parent closed its link:
+/// a stateful stage's state is dropped first, so that its `Drop` (the
+/// stage's teardown: a file flushed, a connection closed) runs. A panic
+/// there is printed to stderr (which the parent forwards); the worker
+/// exits all the same.
+fn finish(state: JobState) -> ! {
+    if state.is_some()
+        && let Err(failure) =
+            crate::worker::task::capturing(|| crate::worker::task::catch(move || drop(state)))
+    {
+        eprintln!("the stage's state panicked when dropped: {failure:?}");
+    }
+    leave(0)
 }
 
 /// The worker's side of its bulk arena (see [`crate::wire::region`]).
