@@ -36,6 +36,12 @@ def normalise(rec):
             return [{"tool": "procpool run_sp", "workload": "isolated", "median_ms": rec["median_ms"], "p99_ms": rec["p99_ms"]}]
         if b == "model_share":
             return [{"tool": "procpool", "workload": "model_share", "first_result_ms": rec["first_result_ms"], "workers_pss_mib": rec["workers_pss_mib"]}]
+        if b == "patterns":
+            return [
+                {"tool": "procpool processor", "workload": "processor", "tasks_per_s": rec["processor_tasks_per_s"]},
+                {"tool": "procpool map_reduce", "workload": "map_reduce", "items_per_s": rec["map_reduce_items_per_s"]},
+                {"tool": "procpool fold on Processes(2)", "workload": "fold", "items_per_s": rec["fold_items_per_s_processes"]},
+            ]
         return []
     if "users_per_s_n_jobs" in rec:
         return [{
@@ -50,6 +56,9 @@ WORKLOADS = [
     ("round_trip", "one task alone, worker idle", [("median_us", "median µs"), ("p99_us", "p99 µs")]),
     ("isolated", "one isolated call of a trivial function", [("median_ms", "median ms"), ("p99_ms", "p99 ms")]),
     ("model_share", "1 GiB float32 model, 4 workers, each sums it", [("first_result_ms", "start → first result ms"), ("workers_pss_mib", "workers' PSS MiB")]),
+    ("processor", "processor with a collector, trivial tasks added one by one, 2 workers", [("tasks_per_s", "tasks/s")]),
+    ("map_reduce", "map-reduce sum, 2 workers", [("items_per_s", "items/s")]),
+    ("fold", "fold of 10,000,000 integers by +, chunks of 100,000, 2 processes", [("items_per_s", "items/s")]),
     ("recsys", "recommender evaluation, same data export, top-10 per test user", [("n_jobs", "n_jobs"), ("users_per_s", "users/s"), ("users_per_s_1_job", "users/s, 1 job"), ("ndcg_at_10", "nDCG@10")]),
 ]
 

@@ -16,11 +16,11 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 # LensKit 2025.8 is the last line with a process-pool invoker.
-"$venv/bin/pip" install -q "lenskit==2025.8.1" joblib matplotlib
+"$venv/bin/pip" install -q "lenskit==2025.8.1" joblib matplotlib pyrallel.lib toolz
 
 echo "== procpool" >&2
 cargo build -q --release --benches --examples
-for bench in throughput run_sp model_share; do
+for bench in throughput run_sp model_share patterns; do
     cargo bench -q --bench "$bench" | tail -n 1 >> "$raw"
 done
 
@@ -34,6 +34,11 @@ for workload in throughput round_trip isolated model_share; do
         echo "{\"tool\":\"Python peers\",\"workload\":\"$workload\",\"error\":\"the run failed\"}" >> "$raw"
     fi
 done
+
+echo "== pyrallel and toolz on the streaming patterns" >&2
+if ! "$venv/bin/python" benches/compare/patterns_peers.py >> "$raw"; then
+    echo '{"tool":"pyrallel and toolz","workload":"processor","error":"the run failed"}' >> "$raw"
+fi
 
 echo "== recommender evaluation on one data export" >&2
 export_dir=$(mktemp -d)
