@@ -13,8 +13,10 @@ use std::marker::PhantomData;
 
 use crate::engine::{Backlog, Batch, JobSpec, Sink, decode_outcome};
 use crate::error::{PoolError, TaskError};
+use crate::invoker::TaskFn;
 use crate::map::{Executor, MapOptions, executor_accessors, map_options};
 use crate::progress::Tracker;
+use crate::store::{ArchivedModel, ModelStore, UntypedStore};
 
 /// What a processor did: tasks collected with a value, and with an error.
 ///
@@ -94,6 +96,8 @@ where
 pub struct ProcessorBuilder<A, R> {
     /// What the workers run: a map, or a stateful stage per worker.
     job: JobSpec,
+    /// The model the mapper reads, if it takes one.
+    model: Option<UntypedStore>,
     options: MapOptions,
     _types: PhantomData<fn(A) -> R>,
 }
@@ -123,6 +127,44 @@ where
     pub fn new(mapper: fn(A) -> R) -> Self {
         ProcessorBuilder {
             job: JobSpec::map(jobs::map::<A, R> as BatchRunner, mapper as usize),
+            model: None,
+            options: MapOptions::default(),
+            _types: PhantomData,
+        }
+    }
+
+    /// A mapper over a shared model, as an invoker's: `mapper` reads
+    /// `store`'s model in place in every worker.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Model {
+    ///     weights: Vec<f32>,
+    /// }
+    /// fn score(model: &ArchivedModel, row: u32) -> f32 {
+    ///     model.weights[row as usize].to_native() * 10.0
+    /// }
+    /// let store = procpool::persist(&Model { weights: vec![0.5, 1.5] })?;
+    /// let mut total = 0.0;
+    /// let mut pp = procpool::ProcessorBuilder::with_model(&store, score)
+    ///     .n_jobs(2)
+    ///     .build(|_, r: Result<f32, _>| total += r.unwrap())?;
+    /// pp.add_task(0)?;
+    /// pp.add_task(1)?;
+    /// pp.join()?;
+    /// assert_eq!(total, 20.0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_model<M>(store: &ModelStore<M>, mapper: TaskFn<M, A, R>) -> Self
+    where
+        M: rkyv::Archive<Archived: ArchivedModel>,
+    {
+        ProcessorBuilder {
+            job: JobSpec::map(
+                jobs::map_with_model::<M::Archived, A, R> as BatchRunner,
+                mapper as usize,
+            ),
+            model: Some(store.untyped()),
             options: MapOptions::default(),
             _types: PhantomData,
         }
@@ -169,6 +211,7 @@ where
                     helper: init as usize,
                 },
             },
+            model: None,
             options: MapOptions::default(),
             _types: PhantomData,
         }
@@ -207,7 +250,14 @@ where
                 "a processor runs batches, not single tasks",
             ))
         });
-        let executor = Executor::start(self.options, job, None, one_by_one)?;
+        let model_fd = match &self.model {
+            Some(store) => Some(
+                procpool_worker::sys::dup_owned(&store.fd())
+                    .map_err(|e| PoolError::io("duplicate the model descriptor", e))?,
+            ),
+            None => None,
+        };
+        let executor = Executor::start(self.options, job, model_fd, one_by_one)?;
         Ok(Processor {
             executor,
             backlog: Some(Backlog::default()),
@@ -223,6 +273,7 @@ where
             next_index: 0,
             large: true,
             local_state: None,
+            model: self.model,
         })
     }
 }
@@ -249,6 +300,8 @@ pub struct Processor<A, R, C> {
     large: bool,
     /// A stage's state when it runs in this process (`n_jobs = 1`).
     local_state: JobState,
+    /// The model the mapper reads, if it takes one.
+    model: Option<UntypedStore>,
 }
 
 impl<A, R, C> std::fmt::Debug for Processor<A, R, C> {
@@ -304,14 +357,16 @@ where
             let mut batch = Batch::new(index);
             match batch.push_argument(arg, &mut true) {
                 Ok(()) => {
+                    let archive = self.model.as_ref().map_or(&[][..], |m| m.archive_bytes());
                     // SAFETY: the job's runner was instantiated for its
-                    // functions' types and `A`, and `local_state` is this
-                    // job's alone; a processor has no model.
+                    // functions' types and `A`; `local_state` is this job's
+                    // alone; `archive` is the validated, immutable model the
+                    // mapper was given with, or nothing for one without.
                     let out = unsafe {
                         crate::map::run_batch_here(
                             job,
                             &mut self.local_state,
-                            &[],
+                            archive,
                             &batch,
                             root_seed,
                         )

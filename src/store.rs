@@ -169,6 +169,11 @@ impl UntypedStore {
     pub(crate) fn archive_bytes(&self) -> &[u8] {
         &self.0.map[HEADER_LEN..]
     }
+
+    /// The store's descriptor, to hand to workers.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.0.fd.as_fd()
+    }
 }
 
 struct StoreInner {

@@ -294,3 +294,24 @@ fn per_worker_state_is_torn_down_when_the_processor_joins() {
         }
     }
 }
+
+fn offset_plus(model: &ArchivedSmall, x: u64) -> u64 {
+    x + model.offset.to_native()
+}
+
+#[test]
+fn a_mapper_may_read_a_shared_model() {
+    let store = procpool::persist(&small()).unwrap();
+    for n_jobs in [1, 2] {
+        let mut sum = 0;
+        let mut pp = procpool::ProcessorBuilder::with_model(&store, offset_plus)
+            .n_jobs(n_jobs)
+            .build(|_, r: Result<u64, _>| sum += r.unwrap())
+            .unwrap();
+        for x in 0..100u64 {
+            pp.add_task(x).unwrap();
+        }
+        assert_eq!(pp.join().unwrap().done, 100);
+        assert_eq!(sum, 4_950 + 100 * 7, "n_jobs {n_jobs}");
+    }
+}
