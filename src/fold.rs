@@ -326,12 +326,9 @@ impl ParallelMap for Processes {
         if !same {
             self.current = None;
             let job = f.job;
-            let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-                // SAFETY: the mapper's runner was instantiated for its
-                // function's types, which take no model.
-                unsafe { crate::map::run_here::<A, R>(job, &[], arg, (index, root_seed)) }
-            });
-            let executor = Executor::start(self.options.clone(), job, None, in_process)
+            // SAFETY: a `Mapper<A, R>`'s runner was instantiated for its
+            // function's types, `A` and `R`, which take no model.
+            let executor = unsafe { Executor::<A, R>::start(self.options.clone(), job, None) }
                 .map_err(|e| TaskError::pool(0, format!("cannot start the workers: {e}")))?;
             self.current = Some((job, Box::new(executor)));
         }

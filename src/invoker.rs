@@ -152,18 +152,12 @@ where
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn build(self) -> Result<Invoker<M, A, R>, PoolError> {
-        let model = procpool_worker::sys::dup_owned(&self.store.fd())
-            .map_err(|e| PoolError::io("duplicate the model descriptor", e))?;
         let runner = jobs::map_with_model::<M::Archived, A, R> as BatchRunner;
         let job = JobSpec::map(runner, self.func as usize);
-        let store = self.store.untyped();
-        let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-            // SAFETY: `map_with_model` is instantiated with the types of the
-            // job's function, and the store's archive was validated as
-            // `M::Archived` and is immutable.
-            unsafe { crate::map::run_here(job, store.archive_bytes(), arg, (index, root_seed)) }
-        });
-        let executor = Executor::start(self.options, job, Some(model), in_process)?;
+        // SAFETY: `map_with_model` is instantiated with the types of the
+        // job's function, and the store's archive was validated as
+        // `M::Archived` and is immutable.
+        let executor = unsafe { Executor::start(self.options, job, Some(self.store.untyped())) }?;
         Ok(Invoker {
             executor,
             _model: std::marker::PhantomData,

@@ -2,6 +2,7 @@
 //! their options, the processes (or, for `n_jobs = 1`, this process) that
 //! run their tasks, and the iterators their maps return.
 
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::error::{PoolError, TaskError};
 use crate::launch::StartMethod;
 use crate::progress::{ProgressFn, Tracker};
 use crate::seed;
+use crate::store::UntypedStore;
 
 /// The options of a map-running builder, before they are checked.
 #[derive(Debug, Clone)]
@@ -297,10 +299,6 @@ macro_rules! executor_accessors {
 }
 pub(crate) use executor_accessors;
 
-/// Runs one task in this process (see [`run_here`]). Its arguments: the
-/// argument, the task's index and the root seed.
-pub(crate) type InProcess<A, R> = Box<dyn Fn(A, u64, u64) -> Result<R, TaskError> + Send + Sync>;
-
 /// Runs `batch` here, as a worker would, through `job` with the model
 /// `archive` and the job's `state` in this process, and returns its RESULTS
 /// items (see `procpool_worker::wire`).
@@ -399,8 +397,11 @@ pub(crate) struct Executor<A, R> {
     backend: Backend,
     progress: Option<ProgressFn>,
     job: JobSpec,
-    in_process: InProcess<A, R>,
+    /// The model the job reads, if it takes one: its workers map it, and
+    /// `n_jobs = 1` reads it here.
+    model: Option<UntypedStore>,
     sizer: BatchSizer,
+    _types: PhantomData<fn(A) -> R>,
     root_seed: u64,
     n_jobs: usize,
     fail_fast: bool,
@@ -411,13 +412,18 @@ where
     A: Serialize + DeserializeOwned + 'static,
     R: Serialize + DeserializeOwned + 'static,
 {
-    /// Checks `options` and starts the workers that run `job`, with
-    /// `model` mapped; `in_process` runs a task here when `n_jobs = 1`.
-    pub(crate) fn start(
+    /// Checks `options` and starts the workers that run `job`, with `model`
+    /// mapped (or, for `n_jobs = 1`, runs it here).
+    ///
+    /// # Safety
+    ///
+    /// The job's runner must be monomorphised for the types of the job's
+    /// functions and for `A` and `R`, and for the archived type of `model`
+    /// if the job reads one (a job without a model is given `None`).
+    pub(crate) unsafe fn start(
         options: MapOptions,
         job: JobSpec,
-        model: Option<std::os::fd::OwnedFd>,
-        in_process: InProcess<A, R>,
+        model: Option<UntypedStore>,
     ) -> Result<Self, PoolError> {
         let n_jobs = match options.n_jobs {
             Some(0) => return Err(PoolError::refused("n_jobs must be at least 1")),
@@ -446,6 +452,13 @@ where
         let backend = if n_jobs == 1 {
             Backend::InProcess
         } else {
+            let model_fd = match &model {
+                Some(store) => Some(
+                    procpool_worker::sys::dup_owned(&store.fd())
+                        .map_err(|e| PoolError::io("duplicate the model descriptor", e))?,
+                ),
+                None => None,
+            };
             let policy = Policy {
                 task_timeout: options.task_timeout,
                 memory_limit: options.memory_limit,
@@ -455,7 +468,7 @@ where
             Backend::Workers(Workers::start(PoolSpec::new(
                 options.start_method,
                 n_jobs,
-                model,
+                model_fd,
                 job,
                 policy,
             ))?)
@@ -464,11 +477,12 @@ where
             backend,
             progress: options.progress.clone(),
             job,
-            in_process,
+            model,
             sizer: BatchSizer::new(options.chunk_size),
             root_seed,
             n_jobs,
             fail_fast: options.fail_fast,
+            _types: PhantomData,
         })
     }
 
@@ -480,13 +494,15 @@ where
     ) -> MapInner<'_, A, R, I> {
         match &mut self.backend {
             Backend::InProcess => MapInner::InProcess(InProcessRun {
-                run: &self.in_process,
+                job: self.job,
+                archive: self.model.as_ref().map_or(&[], UntypedStore::archive_bytes),
                 input,
                 next_index: 0,
                 root_seed: self.root_seed,
                 fail_fast: self.fail_fast,
                 stopped: false,
                 tracker: Tracker::new(self.progress.clone()),
+                _types: PhantomData,
             }),
             Backend::Workers(workers) => MapInner::Workers(Run::new(
                 workers,
@@ -530,6 +546,11 @@ impl<A, R> Executor<A, R> {
     /// What the workers run.
     pub(crate) fn job(&self) -> JobSpec {
         self.job
+    }
+
+    /// The model's archive, as this process reads it (empty without one).
+    pub(crate) fn archive(&self) -> &[u8] {
+        self.model.as_ref().map_or(&[], UntypedStore::archive_bytes)
     }
 
     /// How many tasks, and how many bytes of arguments, a batch holds at
@@ -607,18 +628,23 @@ where
 
 /// A map run in this process (`n_jobs = 1`), one task at a time.
 pub(crate) struct InProcessRun<'a, A, R, I> {
-    run: &'a InProcess<A, R>,
+    /// The executor's job, run on each argument through `run_here`.
+    job: JobSpec,
+    archive: &'a [u8],
     input: I,
     next_index: u64,
     root_seed: u64,
     fail_fast: bool,
     stopped: bool,
     tracker: Tracker,
+    _types: PhantomData<fn(A) -> R>,
 }
 
 impl<A, R, I> InProcessRun<'_, A, R, I>
 where
     I: Iterator<Item = A>,
+    A: Serialize,
+    R: DeserializeOwned,
 {
     // Kept out of line: the workers' path, which shares `Map::next` with
     // it, stays small.
@@ -634,7 +660,9 @@ where
         let index = self.next_index;
         self.next_index += 1;
         self.tracker.submitted(1);
-        let result = (self.run)(arg, index, self.root_seed);
+        // SAFETY: `Executor::start`'s caller promised that the job's runner
+        // fits its functions, `A`, `R` and the model this archive holds.
+        let result = unsafe { run_here(self.job, self.archive, arg, (index, self.root_seed)) };
         self.tracker.finished(result.is_ok());
         self.tracker.tick();
         self.stopped = self.fail_fast && result.is_err();

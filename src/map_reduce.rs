@@ -138,16 +138,10 @@ where
                 helper: self.reducer as usize,
             },
         };
-        // A map-reduce runs whole batches here too (see `run`): the
-        // executor's task-by-task path is never taken.
-        let one_by_one = Box::new(|_: A, index: u64, _: u64| -> Result<R, TaskError> {
-            Err(TaskError::pool(
-                index,
-                "a map-reduce runs batches, not single tasks",
-            ))
-        });
         let progress = self.options.progress.clone();
-        let executor = Executor::start(self.options, job, None, one_by_one)?;
+        // SAFETY: `map_reduce` is instantiated with the types of the mapper
+        // and the reducer, which take no model.
+        let executor = unsafe { Executor::start(self.options, job, None) }?;
         Ok(MapReduce {
             executor,
             reducer: self.reducer,

@@ -117,12 +117,9 @@ where
     /// ```
     pub fn build(self) -> Result<Pool<A, R>, PoolError> {
         let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, self.func as usize);
-        let in_process = Box::new(move |arg: A, index: u64, root_seed: u64| {
-            // SAFETY: `map` is instantiated with the types of the job's
-            // function, which takes no model.
-            unsafe { crate::map::run_here(job, &[], arg, (index, root_seed)) }
-        });
-        let executor = Executor::start(self.options, job, None, in_process)?;
+        // SAFETY: `map` is instantiated with the types of the job's
+        // function, which takes no model.
+        let executor = unsafe { Executor::start(self.options, job, None) }?;
         Ok(Pool { executor })
     }
 }

@@ -241,23 +241,10 @@ where
         let fail_fast = self.options.fail_fast;
         let progress = self.options.progress.clone();
         let job = self.job;
-        // A processor runs its tasks here as one-task batches (see
-        // `add_task`), so that a stage keeps its state: the executor's
-        // task-by-task path is never taken.
-        let one_by_one = Box::new(|_: A, index: u64, _: u64| -> Result<R, TaskError> {
-            Err(TaskError::pool(
-                index,
-                "a processor runs batches, not single tasks",
-            ))
-        });
-        let model_fd = match &self.model {
-            Some(store) => Some(
-                procpool_worker::sys::dup_owned(&store.fd())
-                    .map_err(|e| PoolError::io("duplicate the model descriptor", e))?,
-            ),
-            None => None,
-        };
-        let executor = Executor::start(self.options, job, model_fd, one_by_one)?;
+        // SAFETY: each constructor of this builder pairs its runner with
+        // the functions, `A`, `R` and (for `with_model`) the store it was
+        // given.
+        let executor = unsafe { Executor::start(self.options, job, self.model) }?;
         Ok(Processor {
             executor,
             backlog: Some(Backlog::default()),
@@ -273,7 +260,6 @@ where
             next_index: 0,
             large: true,
             local_state: None,
-            model: self.model,
         })
     }
 }
@@ -300,8 +286,6 @@ pub struct Processor<A, R, C> {
     large: bool,
     /// A stage's state when it runs in this process (`n_jobs = 1`).
     local_state: JobState,
-    /// The model the mapper reads, if it takes one.
-    model: Option<UntypedStore>,
 }
 
 impl<A, R, C> std::fmt::Debug for Processor<A, R, C> {
@@ -351,22 +335,22 @@ where
         let (max_count, max_bytes) = self.executor.batch_limits();
         let job = self.executor.job();
         let root_seed = self.executor.root_seed();
-        let Some(mut engine) = self.executor.resume(backlog) else {
+        if self.executor.n_jobs() == 1 {
             // n_jobs = 1: run it now, here, as a worker would.
             self.backlog = Some(Backlog::default());
             let mut batch = Batch::new(index);
             match batch.push_argument(arg, &mut true) {
                 Ok(()) => {
-                    let archive = self.model.as_ref().map_or(&[][..], |m| m.archive_bytes());
                     // SAFETY: the job's runner was instantiated for its
-                    // functions' types and `A`; `local_state` is this job's
-                    // alone; `archive` is the validated, immutable model the
-                    // mapper was given with, or nothing for one without.
+                    // functions' types and `A` (see `build`); `local_state`
+                    // is this job's alone; the archive is the validated,
+                    // immutable model the mapper was given with, or nothing
+                    // for one without.
                     let out = unsafe {
                         crate::map::run_batch_here(
                             job,
                             &mut self.local_state,
-                            archive,
+                            self.executor.archive(),
                             &batch,
                             root_seed,
                         )
@@ -378,6 +362,9 @@ where
                     .deliver(index, Err(TaskError::from_failure(index, failure))),
             }
             return self.status(index);
+        }
+        let Some(mut engine) = self.executor.resume(backlog) else {
+            return Err(TaskError::pool(index, "the processor has no workers"));
         };
         let batch = self.pending.get_or_insert_with(|| Batch::new(index));
         match batch.push_argument(arg, &mut self.large) {

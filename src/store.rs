@@ -445,11 +445,6 @@ impl<M: rkyv::Archive> ModelStore<M> {
         self.inner.map.len() - HEADER_LEN
     }
 
-    /// The store's descriptor, to hand to workers.
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.inner.fd.as_fd()
-    }
-
     /// Writes this store's bytes to a file, to [`load`](ModelStore::load) later.
     ///
     /// ```
