@@ -83,6 +83,7 @@ mod isolated;
 mod launch;
 mod map;
 mod map_reduce;
+mod pipeline;
 mod pool;
 mod processor;
 mod progress;
@@ -90,13 +91,16 @@ mod seed;
 mod store;
 
 pub use config::{NUM_PROCS_ENV, THREAD_ENV_VARS, available_cpus, proc_count};
-pub use error::{ConfigError, ExitInfo, PoolError, StoreError, TaskError};
+pub use error::{
+    ConfigError, ExitInfo, PipelineError, PoolError, StageKind, StoreError, TaskError,
+};
 pub use fold::{Mapper, ParallelMap, Processes, Sequential, Threads, fold};
 pub use invoker::{Invoker, InvokerBuilder, TaskFn, invoker};
 pub use isolated::{Isolated, run_sp};
 pub use launch::{ForkPermit, StartMethod};
 pub use map::{Map, MapUnordered};
 pub use map_reduce::{MapReduce, MapReduceBuilder, map_reduce};
+pub use pipeline::{DEFAULT_IN_FLIGHT, Output, Pipeline, SequentialOutput, pipeline};
 pub use pool::{Pool, PoolBuilder, pool};
 pub use processor::{Processor, ProcessorBuilder, Summary, processor};
 pub use progress::Progress;

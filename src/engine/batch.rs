@@ -4,7 +4,7 @@
 
 use procpool_worker::wire::frame;
 use procpool_worker::wire::{
-    BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, TaskFailure, begin_item, encode_into, end_item,
+    BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, MAX_ITEM_PREFIX, TaskFailure, begin_item, encode_into, end_item,
     to_worker,
 };
 use procpool_worker::worker::task::{capturing, catch};
@@ -41,6 +41,27 @@ impl Batch {
     ) -> Result<(), TaskFailure> {
         let mark = self.items.len();
         encode_argument(arg, &mut self.items, large)?;
+        self.offsets.push(mark as u32);
+        Ok(())
+    }
+
+    /// Adds a task whose argument is already encoded: `parts`, one after
+    /// the other, behind `prefix` (a pipeline passes a stage's outputs on
+    /// as the next stage's arguments without decoding them).
+    /// Fails, leaving the batch as it was, if the argument is larger than
+    /// one message carries.
+    pub(crate) fn push_encoded(&mut self, prefix: &[u8], parts: &[&[u8]]) -> Result<(), TaskFailure> {
+        let mark = self.items.len();
+        let len = prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        if len + MAX_ITEM_PREFIX > MAX_ARGUMENT_BYTES {
+            return Err(TaskFailure::argument_too_large(len));
+        }
+        let start = begin_item(&mut self.items, len >= 0x80);
+        self.items.extend_from_slice(prefix);
+        for part in parts {
+            self.items.extend_from_slice(part);
+        }
+        end_item(&mut self.items, start);
         self.offsets.push(mark as u32);
         Ok(())
     }

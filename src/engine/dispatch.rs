@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
@@ -193,7 +193,26 @@ impl<'p> Engine<'p> {
             }
             return;
         }
-        self.poll_and_collect(sink);
+        self.poll_and_collect(sink, None);
+    }
+
+    /// Like [`wait`](Self::wait), but also returns when `doorbell` becomes
+    /// readable (the caller clears it), for a driver that has other work to
+    /// watch: a pipeline stage whose input may arrive while its workers are
+    /// busy.
+    pub(crate) fn wait_or_woken(&mut self, sink: &mut dyn Sink, doorbell: RawFd) {
+        if let Some(slot) = self
+            .workers
+            .workers
+            .iter()
+            .position(|w| w.reader.has_frame())
+        {
+            if self.collect_frames(slot, sink).is_err() {
+                self.worker_died(slot, sink);
+            }
+            return;
+        }
+        self.poll_and_collect(sink, Some(doorbell));
     }
 
     /// The one worker with work, when nothing else needs watching.
@@ -212,12 +231,13 @@ impl<'p> Engine<'p> {
 
     /// Polls every worker's link (and the write ends with output waiting)
     /// until something happens or a time limit needs enforcing.
-    fn poll_and_collect(&mut self, sink: &mut dyn Sink) {
+    fn poll_and_collect(&mut self, sink: &mut dyn Sink, doorbell: Option<RawFd>) {
         let wait_ms = self.enforce_timeouts();
         let workers = &self.workers.workers;
         // One entry per worker's read end, then one per write end with output
-        // waiting; `owners[i]` is the worker slot of `pollfds[i]`.
-        let mut pollfds = Vec::with_capacity(workers.len() * 2);
+        // waiting; `owners[i]` is the worker slot of `pollfds[i]`. The
+        // doorbell, if any, comes last and has no owner.
+        let mut pollfds = Vec::with_capacity(workers.len() * 2 + 1);
         let mut owners = Vec::with_capacity(workers.len() * 2);
         for (slot, w) in workers.iter().enumerate() {
             pollfds.push(libc::pollfd {
@@ -234,6 +254,13 @@ impl<'p> Engine<'p> {
                 });
                 owners.push(slot);
             }
+        }
+        if let Some(fd) = doorbell {
+            pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         // SAFETY: `pollfds` is a valid array of its length.
         let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, wait_ms) };

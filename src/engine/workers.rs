@@ -155,6 +155,14 @@ impl Workers {
         }
     }
 
+    /// Kills every worker at once, without waiting for what it is running:
+    /// for work that nobody will collect.
+    pub(crate) fn kill_all(&mut self) {
+        for mut worker in self.workers.drain(..) {
+            worker.kill_and_reap();
+        }
+    }
+
     /// Stops every worker: asks each to exit, forwards the logs they still
     /// send, waits for them, and kills any that does not exit in time.
     pub(crate) fn shutdown(&mut self) {

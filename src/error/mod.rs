@@ -2,10 +2,12 @@
 //! task's ([`TaskError`]), a pool's ([`PoolError`], with the settings'
 //! [`ConfigError`]) and a model store's ([`StoreError`]).
 
+mod pipeline;
 mod pool;
 mod store;
 mod task;
 
+pub use pipeline::{PipelineError, StageKind};
 pub use pool::{ConfigError, PoolError};
 pub use procpool_worker::wire::ExitInfo;
 pub use store::StoreError;

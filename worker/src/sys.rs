@@ -51,6 +51,31 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A close-on-exec, non-blocking eventfd: a doorbell one thread rings
+/// ([`ring_event`]) and another polls and clears ([`clear_event`]).
+pub fn event_fd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: on success the descriptor is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes an eventfd readable (its counter grows by one).
+pub fn ring_event(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes the 8 bytes of `one`, which lives across the call. A
+    // full counter (EAGAIN) is still readable, which is all a ring needs.
+    let _ = unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+}
+
+/// Resets an eventfd's counter, so it is no longer readable.
+pub fn clear_event(fd: RawFd) {
+    let mut count: u64 = 0;
+    // SAFETY: reads at most 8 bytes into `count`, which lives across the
+    // call; a counter already at zero fails with EAGAIN (non-blocking).
+    let _ = unsafe { libc::read(fd, (&raw mut count).cast(), 8) };
+}
+
 /// Sets or clears `O_NONBLOCK`.
 pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL only read and set flags of a descriptor we were handed.

@@ -8,6 +8,8 @@
 //! - a **map-reduce**: one call per task, the results folded by a reducer
 //!   in the worker; each task sends only whether it failed, and the batch
 //!   one partial result ([`map_reduce`]);
+//! - a **map over runs of items**: a pipeline's window or chunk, decoded
+//!   as a `Vec` and lent to the function as a slice ([`map_slices`]);
 //! - a **stateful stage**: `init` once in the worker, then `step` on every
 //!   item in order, the state kept from batch to batch in the worker and
 //!   never sent anywhere ([`stateful`]).
@@ -114,6 +116,24 @@ where
     run_items(job.batch, job.out, |(start, chunk): (R, Vec<T>)| {
         chunk.into_iter().fold(start, binop)
     });
+}
+
+/// A map whose task reads a run of items: `fns.task` is a `fn(&[B]) -> C`,
+/// each task's argument a `Vec<B>` (a pipeline's window or chunk); one
+/// postcard `Result<C, TaskFailure>` per task.
+///
+/// # Safety
+///
+/// `fns.task` must be the address of a `fn(&[B]) -> C` with exactly these
+/// type parameters.
+pub unsafe fn map_slices<B, C>(fns: JobFns, job: BatchJob<'_>)
+where
+    B: DeserializeOwned,
+    C: Serialize,
+{
+    // SAFETY: the caller promises `fns.task` is a `fn(&[B]) -> C`.
+    let func = unsafe { std::mem::transmute::<usize, fn(&[B]) -> C>(fns.task) };
+    run_items(job.batch, job.out, |items: Vec<B>| func(&items));
 }
 
 /// A map-reduce: `fns.task` is the mapper, a `fn(A) -> R`, and

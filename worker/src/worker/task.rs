@@ -52,7 +52,7 @@ where
 /// tasks of the batch are untouched. The task counts as started (in the
 /// status page) before its argument is decoded, so a worker that dies while
 /// decoding names that task, not another.
-pub(crate) fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, mut call: impl FnMut(A) -> R)
+pub fn run_items<A, R>(batch: BatchView<'_>, out: &mut Vec<u8>, mut call: impl FnMut(A) -> R)
 where
     A: DeserializeOwned,
     R: Serialize,
