@@ -449,6 +449,15 @@ impl Sink for Outputs {
         if self.failure.is_some() {
             return;
         }
+        if self.kind == StageKind::Stateful {
+            // The process died, and its state with it: the outcomes of the
+            // items it ran since its last results are lost too, so the
+            // output ends at the first of them (the error names the task
+            // that was running).
+            let first_lost = self.next_task;
+            self.fail(first_lost, error);
+            return;
+        }
         if index == self.next_task {
             self.next_task = index + 1;
             self.fail(index, error);

@@ -320,6 +320,8 @@ pub struct Output<I, Z> {
     /// Input items read so far.
     read: u64,
     first_kind: StageKind,
+    /// Input items per chunk sent to the first stage.
+    chunk_items: u32,
     /// The first stage's input, until the input ends.
     to_first: Option<SyncSender<Flow>>,
     /// Flows read from the input and not yet taken by the first stage.
@@ -354,6 +356,7 @@ where
             input,
             read: 0,
             first_kind: plan.first_kind(),
+            chunk_items: plan.stages.first().map_or(1, |s| s.in_flight.min(INPUT_CHUNK_ITEMS)) as u32,
             to_first: None,
             unsent: VecDeque::new(),
             events: None,
@@ -500,7 +503,7 @@ where
             ..Chunk::default()
         };
         let mut end = None;
-        while chunk.count < INPUT_CHUNK_ITEMS as u32 {
+        while chunk.count < self.chunk_items {
             let Some(arg) = self.input.next() else {
                 end = Some(Flow::End);
                 break;
