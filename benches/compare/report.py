@@ -42,6 +42,11 @@ def normalise(rec):
                 {"tool": "procpool map_reduce", "workload": "map_reduce", "items_per_s": rec["map_reduce_items_per_s"]},
                 {"tool": "procpool fold on Processes(2)", "workload": "fold", "items_per_s": rec["fold_items_per_s_processes"]},
             ]
+        if b == "pipeline":
+            return [
+                {"tool": "procpool pipeline", "workload": "pipeline", "items_per_s": rec["items_per_s"], "exact": True},
+                {"tool": "procpool apply_sequential", "workload": "pipeline", "items_per_s": rec["sequential_items_per_s"], "exact": True},
+            ]
         return []
     if "users_per_s_n_jobs" in rec:
         return [{
@@ -49,6 +54,14 @@ def normalise(rec):
             "users_per_s": rec["users_per_s_n_jobs"], "users_per_s_1_job": rec["users_per_s_1_job"], "ndcg_at_10": rec["ndcg_at_10"],
         }]
     return [rec]
+
+
+def cell(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:,}"
+    return "—"
 
 
 WORKLOADS = [
@@ -59,6 +72,7 @@ WORKLOADS = [
     ("processor", "processor with a collector, trivial tasks added one by one, 2 workers", [("tasks_per_s", "tasks/s")]),
     ("map_reduce", "map-reduce sum, 2 workers", [("items_per_s", "items/s")]),
     ("fold", "fold of 10,000,000 integers by +, chunks of 100,000, 2 processes", [("items_per_s", "items/s")]),
+    ("pipeline", "pipeline: stateless square → windowed(3) difference → stateful accumulator, 2 cores", [("items_per_s", "items/s"), ("exact", "every output, exact")]),
     ("recsys", "recommender evaluation, same data export, top-10 per test user", [("n_jobs", "n_jobs"), ("users_per_s", "users/s"), ("users_per_s_1_job", "users/s, 1 job"), ("ndcg_at_10", "nDCG@10")]),
 ]
 
@@ -83,7 +97,7 @@ def main():
             if "error" in r:
                 md.append(f"| {r['tool']} | " + " | ".join(["—"] * len(cols)) + f" |  *({r['error']})*")
                 continue
-            md.append(f"| {r['tool']} | " + " | ".join(f"{r[c[0]]:,}" if isinstance(r.get(c[0]), (int, float)) else "—" for c in cols) + " |")
+            md.append(f"| {r['tool']} | " + " | ".join(cell(r.get(c[0])) for c in cols) + " |")
         md.append("")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(md))

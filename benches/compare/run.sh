@@ -16,11 +16,11 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 # LensKit 2025.8 is the last line with a process-pool invoker.
-"$venv/bin/pip" install -q "lenskit==2025.8.1" joblib matplotlib pyrallel.lib toolz
+"$venv/bin/pip" install -q "lenskit==2025.8.1" joblib matplotlib pyrallel.lib toolz blllib==1.0.4
 
 echo "== procpool" >&2
 cargo build -q --release --benches --examples
-for bench in throughput run_sp model_share patterns; do
+for bench in throughput run_sp model_share patterns pipeline; do
     cargo bench -q --bench "$bench" | tail -n 1 >> "$raw"
 done
 
@@ -38,6 +38,11 @@ done
 echo "== pyrallel and toolz on the streaming patterns" >&2
 if ! "$venv/bin/python" benches/compare/patterns_peers.py >> "$raw"; then
     echo '{"tool":"pyrallel and toolz","workload":"processor","error":"the run failed"}' >> "$raw"
+fi
+
+echo "== blllib on the pipeline" >&2
+if ! "$venv/bin/python" benches/compare/pipeline_peers.py >> "$raw"; then
+    echo '{"tool":"blllib","workload":"pipeline","error":"the run failed"}' >> "$raw"
 fi
 
 echo "== recommender evaluation on one data export" >&2

@@ -50,9 +50,13 @@ impl Batch {
     /// as the next stage's arguments without decoding them).
     /// Fails, leaving the batch as it was, if the argument is larger than
     /// one message carries.
-    pub(crate) fn push_encoded(&mut self, prefix: &[u8], parts: &[&[u8]]) -> Result<(), TaskFailure> {
+    pub(crate) fn push_encoded<'a>(
+        &mut self,
+        prefix: &[u8],
+        parts: impl Iterator<Item = &'a [u8]> + Clone,
+    ) -> Result<(), TaskFailure> {
         let mark = self.items.len();
-        let len = prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = prefix.len() + parts.clone().map(<[u8]>::len).sum::<usize>();
         if len + MAX_ITEM_PREFIX > MAX_ARGUMENT_BYTES {
             return Err(TaskFailure::argument_too_large(len));
         }

@@ -157,7 +157,7 @@ impl Tasks {
     /// whose argument is too large to send fails at once, into `outputs`.
     pub(super) fn push(&mut self, item: &[u8], outputs: &mut Outputs) {
         let pushed = match &mut self.shaper {
-            Shaper::Each => Some(self.pending.push_encoded(&[], &[item])),
+            Shaper::Each => Some(self.pending.push_encoded(&[], std::iter::once(item))),
             Shaper::Windows { k, recent } => {
                 let mut slot = if recent.len() == *k {
                     recent.pop_front().unwrap_or_default()
@@ -168,9 +168,7 @@ impl Tasks {
                 slot.extend_from_slice(item);
                 recent.push_back(slot);
                 if recent.len() == *k {
-                    let (front, back) = recent.as_slices();
-                    let parts: Vec<&[u8]> = front.iter().chain(back).map(Vec::as_slice).collect();
-                    Some(self.pending.push_encoded(&varint(*k as u64), &parts))
+                    Some(push_vec(&mut self.pending, *k, recent.iter().map(Vec::as_slice)))
                 } else {
                     None
                 }
@@ -179,7 +177,7 @@ impl Tasks {
                 held.extend_from_slice(item);
                 *count += 1;
                 if *count == *k {
-                    let pushed = self.pending.push_encoded(&varint(*k as u64), &[held.as_slice()]);
+                    let pushed = push_vec(&mut self.pending, *k, std::iter::once(held.as_slice()));
                     held.clear();
                     *count = 0;
                     Some(pushed)
@@ -197,7 +195,7 @@ impl Tasks {
         if let Shaper::Chunks { held, count, .. } = &mut self.shaper
             && *count > 0
         {
-            let pushed = self.pending.push_encoded(&varint(*count as u64), &[held.as_slice()]);
+            let pushed = push_vec(&mut self.pending, *count, std::iter::once(held.as_slice()));
             held.clear();
             *count = 0;
             self.after_push(Some(pushed), outputs);
@@ -249,18 +247,31 @@ impl Tasks {
     }
 }
 
-/// `n` as postcard encodes a length: LEB128.
-fn varint(mut n: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10);
+/// `n` as postcard encodes a length: LEB128, in a buffer and its length.
+fn varint(mut n: u64) -> ([u8; 10], usize) {
+    let mut out = [0; 10];
+    let mut len = 0;
     loop {
         let byte = (n & 0x7f) as u8;
         n >>= 7;
         if n == 0 {
-            out.push(byte);
-            return out;
+            out[len] = byte;
+            return (out, len + 1);
         }
-        out.push(byte | 0x80);
+        out[len] = byte | 0x80;
+        len += 1;
     }
+}
+
+/// A `Vec` of `count` items as postcard encodes it, from the items'
+/// encodings: the length, then the items.
+fn push_vec<'a>(
+    batch: &mut Batch,
+    count: usize,
+    items: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Result<(), TaskFailure> {
+    let (prefix, len) = varint(count as u64);
+    batch.push_encoded(&prefix[..len], items)
 }
 
 /// What came back for tasks that cannot be passed on yet: an earlier task
@@ -545,7 +556,9 @@ mod tests {
 
     #[test]
     fn varint_is_leb128() {
-        assert_eq!(varint(3), [3]);
-        assert_eq!(varint(300), [0xac, 0x02]);
+        let (bytes, len) = varint(3);
+        assert_eq!(bytes[..len], [3]);
+        let (bytes, len) = varint(300);
+        assert_eq!(bytes[..len], [0xac, 0x02]);
     }
 }

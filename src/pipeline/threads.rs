@@ -33,9 +33,9 @@ use crate::engine::{Engine, Sink, Workers};
 use crate::error::{PipelineError, StageKind, TaskError};
 
 /// Chunks a channel between two stages holds.
-const CHANNEL_CHUNKS: usize = 2;
+const CHANNEL_CHUNKS: usize = 4;
 /// Most input items the caller sends the first stage in one chunk.
-const INPUT_CHUNK_ITEMS: usize = 1024;
+const INPUT_CHUNK_ITEMS: usize = 4096;
 
 /// What flows from one stage to the next.
 pub(super) enum Flow {
