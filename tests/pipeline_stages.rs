@@ -65,7 +65,11 @@ fn the_seeds_callables_accumulator_difference2_negation() {
     let sums = accumulate_sequentially(input.iter().copied());
     let expected: Vec<i64> = sums.windows(3).map(|w| -(w[2] - w[0])).collect();
     assert_eq!(run(input), expected);
-    assert_eq!(run(vec![5, 6]), Vec::<i64>::new(), "two items make no window of 3");
+    assert_eq!(
+        run(vec![5, 6]),
+        Vec::<i64>::new(),
+        "two items make no window of 3"
+    );
 }
 
 #[test]
@@ -158,7 +162,11 @@ fn windows_slide_by_one_and_chunks_tumble_with_a_short_last() {
         .apply(0..10_000i64)
         .collect::<Result<_, _>>()
         .unwrap();
-    let expected: Vec<i64> = (0..10_000i64).collect::<Vec<_>>().chunks(7).map(|c| c.iter().sum()).collect();
+    let expected: Vec<i64> = (0..10_000i64)
+        .collect::<Vec<_>>()
+        .chunks(7)
+        .map(|c| c.iter().sum())
+        .collect();
     assert_eq!(sums, expected);
 }
 
@@ -230,7 +238,11 @@ fn check_panic<Z>(
             p.apply(0..1_000i64).collect()
         };
         let what = format!("{kind}, sequential {sequential}");
-        assert_eq!(out.len(), good + 1, "{what}: the items before, then the error");
+        assert_eq!(
+            out.len(),
+            good + 1,
+            "{what}: the items before, then the error"
+        );
         assert!(out[..good].iter().all(Result::is_ok), "{what}");
         let err = out[good].as_ref().err().unwrap();
         assert_eq!(err.stage(), 1, "{what}: {err}");
@@ -239,13 +251,23 @@ fn check_panic<Z>(
         assert!(err.is_panic(), "{what}: {err}");
         let task = err.task_error().unwrap();
         assert_eq!(task.panic_message(), Some(message), "{what}");
-        assert!(err.to_string().contains(&format!("stage 1 ({kind}) failed at item {item}")), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("stage 1 ({kind}) failed at item {item}")),
+            "{err}"
+        );
     }
 }
 
 #[test]
 fn a_panic_in_each_kind_of_stage_ends_the_output_naming_stage_and_item() {
-    check_panic(|p| p.map(panic_at_700), StageKind::Stateless, 700, "stateless panic", 700);
+    check_panic(
+        |p| p.map(panic_at_700),
+        StageKind::Stateless,
+        700,
+        "stateless panic",
+        700,
+    );
     check_panic(
         |p| p.stateful(accumulator_init, panic_at_700_stateful),
         StageKind::Stateful,
@@ -316,7 +338,10 @@ fn a_panic_while_flattening_is_the_stages_failure_at_its_item() {
         assert_eq!(out.len(), 4, "0, 1, 2, then the error");
         let err = out[3].as_ref().unwrap_err();
         assert_eq!((err.stage(), err.item()), (0, Some(3)), "{err}");
-        assert_eq!(err.task_error().and_then(|e| e.panic_message()), Some("picky about 3"));
+        assert_eq!(
+            err.task_error().and_then(|e| e.panic_message()),
+            Some("picky about 3")
+        );
     }
 }
 
@@ -355,7 +380,10 @@ fn a_worker_killed_in_a_stateless_stage_is_replaced_and_its_task_run_again() {
         .apply((0..2_000i64).map(|x| (x, marker.clone())))
         .collect::<Result<_, _>>()
         .unwrap();
-    assert!(std::path::Path::new(&marker).exists(), "the worker was killed");
+    assert!(
+        std::path::Path::new(&marker).exists(),
+        "the worker was killed"
+    );
     assert_eq!(out, accumulate_sequentially(0..2_000));
 }
 
@@ -435,7 +463,10 @@ fn dropping_the_output_half_way_returns_at_once_and_leaves_no_process() {
         let started = Instant::now();
         drop(output);
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(2), "drop took {took:?} (stateful {stateful})");
+        assert!(
+            took < Duration::from_secs(2),
+            "drop took {took:?} (stateful {stateful})"
+        );
         assert_all_exit(&pids, "the output was dropped");
     }
 }
@@ -485,7 +516,10 @@ fn the_cpu_budget_is_shared_among_the_parallel_stages() {
     }
     let count = |p: procpool::Pipeline<i64, i64>| p.apply(0..10i64).worker_pids().len();
     // Two parallel stages share 4 CPUs; the stateful one has its own.
-    let p = procpool::pipeline().map(id).windowed(2, sum).stateful(accumulator_init, accumulator);
+    let p = procpool::pipeline()
+        .map(id)
+        .windowed(2, sum)
+        .stateful(accumulator_init, accumulator);
     assert_eq!(count(p.n_cpu(4)), 2 + 2 + 1);
     // An explicit n_jobs is outside the budget.
     let p = procpool::pipeline().map(id).n_jobs(3).chunked(2, sum);
@@ -505,11 +539,32 @@ fn bad_settings_are_the_outputs_only_error() {
         assert_eq!(out.len(), 1);
         out.into_iter().next().unwrap().unwrap_err()
     };
-    let err = first_error(procpool::pipeline().map(id).in_flight(0).apply(0..3i64).collect());
-    assert!(err.to_string().contains("in_flight must be at least 1"), "{err}");
-    assert!(err.start_error().is_some_and(procpool::PoolError::is_refused));
-    let err = first_error(procpool::pipeline().windowed(0, difference2).apply(0..3i64).collect());
-    assert!(err.to_string().contains("windowed(0) needs k of at least 1"), "{err}");
+    let err = first_error(
+        procpool::pipeline()
+            .map(id)
+            .in_flight(0)
+            .apply(0..3i64)
+            .collect(),
+    );
+    assert!(
+        err.to_string().contains("in_flight must be at least 1"),
+        "{err}"
+    );
+    assert!(
+        err.start_error()
+            .is_some_and(procpool::PoolError::is_refused)
+    );
+    let err = first_error(
+        procpool::pipeline()
+            .windowed(0, difference2)
+            .apply(0..3i64)
+            .collect(),
+    );
+    assert!(
+        err.to_string()
+            .contains("windowed(0) needs k of at least 1"),
+        "{err}"
+    );
     let err = first_error(
         procpool::pipeline()
             .stateful(accumulator_init, accumulator)
@@ -517,9 +572,22 @@ fn bad_settings_are_the_outputs_only_error() {
             .apply_sequential(0..3i64)
             .collect(),
     );
-    assert!(err.to_string().contains("a stateful stage runs in one process"), "{err}");
-    let err = first_error(procpool::pipeline::<i64>().n_jobs(2).map(id).apply(0..3i64).collect());
-    assert!(err.to_string().contains("n_jobs set before any stage"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("a stateful stage runs in one process"),
+        "{err}"
+    );
+    let err = first_error(
+        procpool::pipeline::<i64>()
+            .n_jobs(2)
+            .map(id)
+            .apply(0..3i64)
+            .collect(),
+    );
+    assert!(
+        err.to_string().contains("n_jobs set before any stage"),
+        "{err}"
+    );
     let err = first_error(procpool::pipeline::<i64>().apply(0..3i64).collect());
     assert!(err.to_string().contains("at least one stage"), "{err}");
 }
@@ -560,7 +628,9 @@ fn the_sequential_runner_equals_the_process_runner_on_random_pipelines() {
     for case in 0..12 {
         let stages = 1 + rng.below(4);
         let mut plan = Vec::new();
-        let mut p = procpool::pipeline::<i64>().map(id).in_flight(1 + rng.below(300) as usize);
+        let mut p = procpool::pipeline::<i64>()
+            .map(id)
+            .in_flight(1 + rng.below(300) as usize);
         for _ in 0..stages {
             let choice = rng.below(7);
             let k = 1 + rng.below(5) as usize;
@@ -577,7 +647,11 @@ fn the_sequential_runner_equals_the_process_runner_on_random_pipelines() {
             .in_flight(1 + rng.below(100) as usize);
         }
         let n = rng.below(3_000) as i64;
-        let here: Vec<i64> = rebuild(&plan).seed(case).apply_sequential(0..n).map(Result::unwrap).collect();
+        let here: Vec<i64> = rebuild(&plan)
+            .seed(case)
+            .apply_sequential(0..n)
+            .map(Result::unwrap)
+            .collect();
         let there: Vec<i64> = p.seed(case).apply(0..n).map(Result::unwrap).collect();
         assert_eq!(here, there, "case {case}: {plan:?} over {n} items");
     }

@@ -4,8 +4,8 @@
 
 use procpool_worker::wire::frame;
 use procpool_worker::wire::{
-    BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, MAX_ITEM_PREFIX, TaskFailure, begin_item, encode_into, end_item,
-    to_worker,
+    BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, MAX_ITEM_PREFIX, TaskFailure, begin_item,
+    encode_into, end_item, to_worker,
 };
 use procpool_worker::worker::task::{capturing, catch};
 use serde::Serialize;

@@ -170,18 +170,27 @@ impl Plan {
 
     fn last_stage(&self) -> (usize, StageKind) {
         let last = self.stages.len().saturating_sub(1);
-        (last, self.stages.last().map_or(StageKind::InParent, |s| s.kind))
+        (
+            last,
+            self.stages.last().map_or(StageKind::InParent, |s| s.kind),
+        )
     }
 
     /// Checks the settings, and shares the CPU budget among the parallel
     /// stages.
     fn check(&self) -> Result<Checked, PipelineError> {
         let refused = |position: usize, message: String| {
-            let kind = self.stages.get(position).map_or(StageKind::InParent, |s| s.kind);
+            let kind = self
+                .stages
+                .get(position)
+                .map_or(StageKind::InParent, |s| s.kind);
             PipelineError::start(position, kind, PoolError::refused(message))
         };
         if let Some(message) = &self.misuse {
-            return Err(refused(self.stages.len().saturating_sub(1), message.clone()));
+            return Err(refused(
+                self.stages.len().saturating_sub(1),
+                message.clone(),
+            ));
         }
         if self.stages.is_empty() {
             return Err(refused(0, "a pipeline needs at least one stage".into()));
@@ -192,13 +201,21 @@ impl Plan {
             None => crate::config::proc_count(1, None, 0)
                 .map_err(|e| PipelineError::start(0, self.first_kind(), e.into()))?,
         };
-        let parallel = self.stages.iter().filter(|s| s.is_parallel()).count().max(1);
+        let parallel = self
+            .stages
+            .iter()
+            .filter(|s| s.is_parallel())
+            .count()
+            .max(1);
         let share = (n_cpu / parallel).max(1);
         let mut n_jobs = Vec::with_capacity(self.stages.len());
         for (position, stage) in self.stages.iter().enumerate() {
             match stage.kind {
                 StageKind::Windowed(0) | StageKind::Chunked(0) => {
-                    return Err(refused(position, format!("{} needs k of at least 1", stage.kind)));
+                    return Err(refused(
+                        position,
+                        format!("{} needs k of at least 1", stage.kind),
+                    ));
                 }
                 _ => {}
             }
@@ -208,10 +225,16 @@ impl Plan {
             n_jobs.push(match (stage.kind, stage.n_jobs) {
                 (_, Some(0)) => return Err(refused(position, "n_jobs must be at least 1".into())),
                 (StageKind::InParent, Some(_)) => {
-                    return Err(refused(position, "an in-parent stage runs in this process: it has no n_jobs".into()));
+                    return Err(refused(
+                        position,
+                        "an in-parent stage runs in this process: it has no n_jobs".into(),
+                    ));
                 }
                 (StageKind::Stateful, Some(n)) if n != 1 => {
-                    return Err(refused(position, format!("a stateful stage runs in one process, not {n}")));
+                    return Err(refused(
+                        position,
+                        format!("a stateful stage runs in one process, not {n}"),
+                    ));
                 }
                 (StageKind::InParent, None) => 0,
                 (StageKind::Stateful, _) => 1,
@@ -236,12 +259,14 @@ impl StagePlan {
         ) && self.n_jobs.is_none()
     }
 
-    /// Starts the stage's `n_jobs` workers; `None` for a stage run here.
-    fn start_workers(&self, n_jobs: usize, method: StartMethod) -> Result<Option<Workers>, PoolError> {
-        let Work::Job { job, model } = &self.work else {
-            return Ok(None);
+    /// Starts the stage's `n_jobs` workers, or hands over the closure of a
+    /// stage run here.
+    fn start(self, n_jobs: usize, method: StartMethod) -> Result<Started, PoolError> {
+        let (job, model) = match self.work {
+            Work::Job { job, model } => (job, model),
+            Work::Closure(closure) => return Ok(Started::Here(closure)),
         };
-        let model_fd = match model {
+        let model_fd = match &model {
             Some(store) => Some(
                 procpool_worker::sys::dup_owned(&store.fd())
                     .map_err(|e| PoolError::io("duplicate the model descriptor", e))?,
@@ -257,9 +282,15 @@ impl StagePlan {
             max_tries: if stateful { 1 } else { 2 },
             replace_dead: !stateful,
         };
-        let spec = PoolSpec::new(method, n_jobs, model_fd, *job, policy);
-        Workers::start(spec).map(Some)
+        let spec = PoolSpec::new(method, n_jobs, model_fd, job, policy);
+        Ok(Started::Workers(Workers::start(spec)?))
     }
+}
+
+/// A stage ready to run: its workers, or its closure.
+enum Started {
+    Workers(Workers),
+    Here(Box<dyn InParentFn>),
 }
 
 /// The root seed of the stage at `position`: each stage's tasks get seeds

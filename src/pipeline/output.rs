@@ -115,7 +115,9 @@ impl<Z: DeserializeOwned> Received<Z> {
                 Some(bytes) => capturing(|| catch(|| postcard::from_bytes::<Z>(bytes)))
                     .map_err(|failure| TaskError::from_failure(origin, failure))
                     .and_then(|r| {
-                        r.map_err(|e| TaskError::bad_result(origin, format!("cannot decode result: {e}")))
+                        r.map_err(|e| {
+                            TaskError::bad_result(origin, format!("cannot decode result: {e}"))
+                        })
                     }),
                 None => Err(TaskError::bad_result(origin, "malformed results")),
             };

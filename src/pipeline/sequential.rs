@@ -11,7 +11,6 @@ use super::stage::{Chunk, Here, Outputs, Tasks};
 use crate::engine::Sink;
 use crate::error::{PipelineError, TaskError};
 
-
 /// Input items read per step: few, so the input is read lazily.
 const STEP_ITEMS: usize = 64;
 
@@ -128,7 +127,9 @@ where
                 end = true;
                 break;
             };
-            if let Err(error) = super::output::push_input(arg, self.read, self.first_kind, &mut chunk) {
+            if let Err(error) =
+                super::output::push_input(arg, self.read, self.first_kind, &mut chunk)
+            {
                 // The items before it go on; nothing after it.
                 self.received.fail(None, error);
                 (end, input_failed) = (true, true);

@@ -76,7 +76,9 @@ impl Here {
     pub(super) fn finish(&mut self) -> Result<(), TaskFailure> {
         match self {
             Here::Job { state, .. } => match state.take() {
-                Some(state) => capturing(|| procpool_worker::worker::task::catch(move || drop(state))),
+                Some(state) => {
+                    capturing(|| procpool_worker::worker::task::catch(move || drop(state)))
+                }
                 None => Ok(()),
             },
             Here::Closure(_) => Ok(()),
@@ -105,7 +107,11 @@ enum Shaper {
     /// One task per run of `k` consecutive items: the last `k` items seen.
     Windows { k: usize, recent: VecDeque<Vec<u8>> },
     /// One task per `k` items; the last may be shorter.
-    Chunks { k: usize, held: Vec<u8>, count: usize },
+    Chunks {
+        k: usize,
+        held: Vec<u8>,
+        count: usize,
+    },
 }
 
 /// The task arguments of a stage, made from its input items.
@@ -168,7 +174,11 @@ impl Tasks {
                 slot.extend_from_slice(item);
                 recent.push_back(slot);
                 if recent.len() == *k {
-                    Some(push_vec(&mut self.pending, *k, recent.iter().map(Vec::as_slice)))
+                    Some(push_vec(
+                        &mut self.pending,
+                        *k,
+                        recent.iter().map(Vec::as_slice),
+                    ))
                 } else {
                     None
                 }
@@ -230,7 +240,8 @@ impl Tasks {
     pub(super) fn close_pending(&mut self) {
         if self.pending.count() > 0 {
             let next = Batch::new(self.next_task);
-            self.ready.push_back(std::mem::replace(&mut self.pending, next));
+            self.ready
+                .push_back(std::mem::replace(&mut self.pending, next));
         } else {
             self.pending = Batch::new(self.next_task);
         }
@@ -418,7 +429,9 @@ impl Outputs {
         if self.track_origins {
             let origin = self.first_item(task);
             let added = (self.chunk.count - before) as usize;
-            self.chunk.origins.extend(std::iter::repeat_n(origin, added));
+            self.chunk
+                .origins
+                .extend(std::iter::repeat_n(origin, added));
         }
         Ok(())
     }

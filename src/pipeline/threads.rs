@@ -26,8 +26,8 @@ use procpool_worker::wire::split_item;
 
 use super::output::{Received, push_input};
 use super::stage::{Chunk, Outputs, Tasks};
-use super::{Plan, StagePlan, Work};
 use super::stage::{InParentFn, run_closure};
+use super::{Plan, Started};
 use crate::batching::BatchSizer;
 use crate::engine::{Engine, Sink, Workers};
 use crate::error::{PipelineError, StageKind, TaskError};
@@ -142,15 +142,16 @@ impl StageThread {
     }
 
     /// Makes tasks of the input at hand, while the bound allows, without
-    /// blocking; whether the input channel ran dry.
+    /// blocking.
     fn take_input(&mut self, bounded: bool) {
+        let full = |stage: &Self| bounded && stage.in_flight() >= stage.bound;
         loop {
-            if bounded && self.in_flight() >= self.bound {
+            if full(self) {
                 return;
             }
             if let Some((chunk, mut offset)) = self.held.take() {
                 let mut rest = &chunk.items[offset..];
-                while !rest.is_empty() && !(bounded && self.in_flight() >= self.bound) {
+                while !rest.is_empty() && !full(self) {
                     let before = rest.len();
                     let Some(item) = split_item(&mut rest) else {
                         rest = &[];
@@ -356,7 +357,10 @@ where
             input,
             read: 0,
             first_kind: plan.first_kind(),
-            chunk_items: plan.stages.first().map_or(1, |s| s.in_flight.min(INPUT_CHUNK_ITEMS)) as u32,
+            chunk_items: plan
+                .stages
+                .first()
+                .map_or(1, |s| s.in_flight.min(INPUT_CHUNK_ITEMS)) as u32,
             to_first: None,
             unsent: VecDeque::new(),
             events: None,
@@ -395,25 +399,18 @@ where
         // Workers first, so a stage that cannot start leaves no thread.
         let mut started = Vec::new();
         for (position, stage) in plan.stages.into_iter().enumerate() {
-            let n_jobs = checked.n_jobs[position];
-            let workers = stage
-                .start_workers(n_jobs, plan.start_method)
-                .map_err(|e| PipelineError::start(position, stage.kind, e))?;
-            if let Some(workers) = &workers {
+            let (kind, post, in_flight) = (stage.kind, stage.post.clone(), stage.in_flight);
+            let ready = stage
+                .start(checked.n_jobs[position], plan.start_method)
+                .map_err(|e| PipelineError::start(position, kind, e))?;
+            if let Started::Workers(workers) = &ready {
                 self.pids.extend(workers.pids());
             }
-            started.push((stage, workers));
+            started.push((kind, post, in_flight, ready));
         }
         let (events_tx, events_rx) = mpsc::channel();
         let (first_tx, mut rx) = mpsc::sync_channel(CHANNEL_CHUNKS);
-        for (position, (stage, workers)) in started.into_iter().enumerate() {
-            let StagePlan {
-                kind,
-                work,
-                post,
-                in_flight,
-                ..
-            } = stage;
+        for (position, (kind, post, in_flight, ready)) in started.into_iter().enumerate() {
             let (downstream, next_rx) = if position == last {
                 (Downstream::Caller(events_tx.clone()), None)
             } else {
@@ -434,18 +431,12 @@ where
                 state: Input::Open,
             };
             let root_seed = super::stage_seed(checked.root_seed, position);
-            let name = format!("procpool-stage-{position}");
-            let spawned = match workers {
-                Some(workers) => std::thread::Builder::new().name(name).spawn(move || {
-                    thread.run_workers(workers, BatchSizer::new(None), root_seed)
-                }),
-                None => {
-                    let Work::Closure(closure) = work else {
-                        unreachable!("only a closure's stage starts no workers")
-                    };
-                    std::thread::Builder::new()
-                        .name(name)
-                        .spawn(move || thread.run_here(closure, root_seed))
+            let builder = std::thread::Builder::new().name(format!("procpool-stage-{position}"));
+            let spawned = match ready {
+                Started::Workers(workers) => builder
+                    .spawn(move || thread.run_workers(workers, BatchSizer::new(None), root_seed)),
+                Started::Here(closure) => {
+                    builder.spawn(move || thread.run_here(closure, root_seed))
                 }
             };
             match spawned {
@@ -522,7 +513,6 @@ where
         }
         self.unsent.extend(end);
     }
-
 }
 
 impl<I, Z> Output<I, Z> {
@@ -585,8 +575,10 @@ where
                     // Every stage's thread is gone without an end: only a
                     // bug does that, but it must not look like a clean end.
                     let kind = self.first_kind;
-                    let error = TaskError::pool(self.read, "the pipeline's stages ended without a word");
-                    self.received.fail(None, PipelineError::task(0, kind, self.read, error));
+                    let error =
+                        TaskError::pool(self.read, "the pipeline's stages ended without a word");
+                    self.received
+                        .fail(None, PipelineError::task(0, kind, self.read, error));
                     self.finished = true;
                 }
             }

@@ -334,6 +334,28 @@ mod tests {
         }
     }
 
+    fn spread(items: &[u64]) -> u64 {
+        assert!(items.len() > 1, "one item has no spread");
+        items.iter().max().unwrap() - items.iter().min().unwrap()
+    }
+
+    #[test]
+    fn a_map_over_slices_lends_each_decoded_vec_to_the_function() {
+        let runner = map_slices::<u64, u64> as BatchRunner;
+        let fns = JobFns {
+            task: spread as fn(&[u64]) -> u64 as usize,
+            helper: 0,
+        };
+        let args = [vec![3u64, 9, 4], vec![7], vec![1, 100]];
+        let outcomes = run(runner, fns, &mut None, 0, &args);
+        assert_eq!(decode::<u64>(&outcomes[0]), Ok(6));
+        assert!(matches!(
+            decode::<u64>(&outcomes[1]),
+            Err(TaskFailure::Panicked { message, .. }) if message == "one item has no spread"
+        ));
+        assert_eq!(decode::<u64>(&outcomes[2]), Ok(99));
+    }
+
     static INITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
     fn start_at_100() -> u64 {
