@@ -622,55 +622,76 @@ fn mix(acc: &mut i64, x: i64) -> i64 {
     *acc
 }
 
-#[test]
-fn the_sequential_runner_equals_the_process_runner_on_random_pipelines() {
-    let mut rng = Rng(0x5eed);
-    for case in 0..12 {
-        let stages = 1 + rng.below(4);
-        let mut plan = Vec::new();
-        let mut p = procpool::pipeline::<i64>()
-            .map(id)
-            .in_flight(1 + rng.below(300) as usize);
-        for _ in 0..stages {
-            let choice = rng.below(7);
-            let k = 1 + rng.below(5) as usize;
-            plan.push((choice, k));
-            p = match choice {
-                0 => p.map(plus_seed_bit),
-                1 => p.stateful(accumulator_init, mix),
-                2 => p.windowed(k, sum_slice),
-                3 => p.chunked(k, sum_slice),
-                4 => p.in_parent(|x: i64| x.wrapping_mul(3)),
-                5 => p.map(drop_multiples_of_5).flatten(),
-                _ => p.map(repeat_by_value).flatten(),
-            }
-            .in_flight(1 + rng.below(100) as usize);
-        }
-        let n = rng.below(3_000) as i64;
-        let here: Vec<i64> = rebuild(&plan)
-            .seed(case)
-            .apply_sequential(0..n)
-            .map(Result::unwrap)
-            .collect();
-        let there: Vec<i64> = p.seed(case).apply(0..n).map(Result::unwrap).collect();
-        assert_eq!(here, there, "case {case}: {plan:?} over {n} items");
+fn panic_on_777(x: i64) -> i64 {
+    assert!(x != 777, "777");
+    x
+}
+
+/// Adds stage `choice` (with `k` for a window or chunk) to `p`.
+fn add_stage(
+    p: procpool::Pipeline<i64, i64>,
+    choice: u64,
+    k: usize,
+) -> procpool::Pipeline<i64, i64> {
+    match choice {
+        0 => p.map(plus_seed_bit),
+        1 => p.stateful(accumulator_init, mix),
+        2 => p.windowed(k, sum_slice),
+        3 => p.chunked(k, sum_slice),
+        4 => p.in_parent(|x: i64| x.wrapping_mul(3)),
+        5 => p.map(drop_multiples_of_5).flatten(),
+        6 => p.map(repeat_by_value).flatten(),
+        _ => p.map(panic_on_777),
     }
 }
 
-/// The same pipeline as the random one, stage by stage (a pipeline is
-/// used once, so each runner gets its own).
-fn rebuild(plan: &[(u64, usize)]) -> procpool::Pipeline<i64, i64> {
-    let mut p = procpool::pipeline::<i64>().map(id);
-    for &(choice, k) in plan {
-        p = match choice {
-            0 => p.map(plus_seed_bit),
-            1 => p.stateful(accumulator_init, mix),
-            2 => p.windowed(k, sum_slice),
-            3 => p.chunked(k, sum_slice),
-            4 => p.in_parent(|x: i64| x.wrapping_mul(3)),
-            5 => p.map(drop_multiples_of_5).flatten(),
-            _ => p.map(repeat_by_value).flatten(),
-        };
+/// The items of an output, and its error as (stage, item, message).
+type Summary = (Vec<i64>, Option<(usize, Option<u64>, String)>);
+
+fn summary(output: impl Iterator<Item = Result<i64, PipelineError>>) -> Summary {
+    let mut items = Vec::new();
+    for item in output {
+        match item {
+            Ok(x) => items.push(x),
+            Err(e) => {
+                let message = e.task_error().map(ToString::to_string).unwrap_or_default();
+                return (items, Some((e.stage(), e.item(), message)));
+            }
+        }
     }
-    p
+    (items, None)
+}
+
+#[test]
+fn the_sequential_runner_equals_the_process_runner_on_random_pipelines() {
+    let mut rng = Rng(0x5eed);
+    let mut failures = 0;
+    for case in 0..40 {
+        let plan: Vec<(u64, usize, usize)> = (0..1 + rng.below(4))
+            .map(|_| {
+                (
+                    rng.below(8),
+                    1 + rng.below(5) as usize,
+                    1 + rng.below(100) as usize,
+                )
+            })
+            .collect();
+        let n = rng.below(3_000) as i64;
+        // A pipeline is used once: each runner gets its own.
+        let build = |bounded: bool| {
+            let mut p = procpool::pipeline::<i64>().map(id).in_flight(64);
+            for &(choice, k, bound) in &plan {
+                p = add_stage(p, choice, k);
+                if bounded {
+                    p = p.in_flight(bound);
+                }
+            }
+            p.seed(case)
+        };
+        let here = summary(build(false).apply_sequential(0..n));
+        let there = summary(build(true).apply(0..n));
+        assert_eq!(here, there, "case {case}: {plan:?} over {n} items");
+        failures += usize::from(here.1.is_some());
+    }
+    assert!(failures > 0, "no case failed: errors were not compared");
 }

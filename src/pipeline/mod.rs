@@ -371,7 +371,8 @@ where
     /// A stateful stage: `init` runs once, in a process of the stage's
     /// own; then `step` runs on every item, in input order, with the state.
     /// The state never leaves that process, so it need not be serialisable;
-    /// its `Drop` runs when the input ends. If the process dies, the state
+    /// its `Drop` runs when the input ends (every output is out by then: a
+    /// panic in it is printed to stderr, not an error). If the process dies, the state
     /// is lost and the output ends with that error (the item is not run
     /// again on a fresh state).
     ///

@@ -9,7 +9,7 @@ use super::Plan;
 use super::output::Received;
 use super::stage::{Chunk, Here, Outputs, Tasks};
 use crate::engine::Sink;
-use crate::error::{PipelineError, TaskError};
+use crate::error::PipelineError;
 
 /// Input items read per step: few, so the input is read lazily.
 const STEP_ITEMS: usize = 64;
@@ -43,13 +43,8 @@ impl LocalStage {
             self.outputs
                 .outcomes(batch.first_index(), batch.count(), &out);
         }
-        if end
-            && self.outputs.failure.is_none()
-            && let Err(failure) = self.here.finish()
-        {
-            let last = self.outputs.next_task.saturating_sub(1);
-            self.outputs
-                .fail(last, TaskError::from_failure(last, failure));
+        if end {
+            self.here.finish();
         }
         self.outputs.take_chunk().unwrap_or_default()
     }

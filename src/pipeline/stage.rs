@@ -71,17 +71,16 @@ impl Here {
         }
     }
 
-    /// Drops a stateful job's state here, under `catch_unwind`: its `Drop`
-    /// is user code.
-    pub(super) fn finish(&mut self) -> Result<(), TaskFailure> {
-        match self {
-            Here::Job { state, .. } => match state.take() {
-                Some(state) => {
-                    capturing(|| procpool_worker::worker::task::catch(move || drop(state)))
-                }
-                None => Ok(()),
-            },
-            Here::Closure(_) => Ok(()),
+    /// Drops a stateful job's state here, as a worker does when it is
+    /// stopped: under `catch_unwind` (its `Drop` is user code), a panic
+    /// printed to stderr, since every output is out by then.
+    pub(super) fn finish(&mut self) {
+        if let Here::Job { state, .. } = self
+            && let Some(state) = state.take()
+            && let Err(failure) =
+                capturing(|| procpool_worker::worker::task::catch(move || drop(state)))
+        {
+            eprintln!("the stage's state panicked when dropped: {failure:?}");
         }
     }
 }

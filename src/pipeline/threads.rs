@@ -137,7 +137,11 @@ impl StageThread {
                 self.state = Input::Ended;
                 self.tasks.finish(&mut self.outputs);
             }
-            Flow::Failed(error) => self.state = Input::Failed(error),
+            Flow::Failed(error) => {
+                // The items before the failure still go through.
+                self.state = Input::Failed(error);
+                self.tasks.close_pending();
+            }
         }
     }
 
@@ -270,14 +274,16 @@ impl StageThread {
             if engine.in_flight() {
                 engine.wait_or_woken(&mut self.outputs, self.bell.0.as_raw_fd());
                 sys::clear_event(self.bell.0.as_raw_fd());
-            } else if engine.has_queued() || self.tasks.has_tasks() {
+            } else if !engine.has_workers() && (engine.has_queued() || self.tasks.has_tasks()) {
                 // Work to run and no worker left: a stateful stage's
                 // process died between tasks, and its state with it.
-                if !engine.has_workers() {
-                    let task = self.outputs.next_task;
-                    let error = TaskError::pool(task, "the stage's worker process died");
-                    self.outputs.fail(task, error);
-                }
+                let task = self.outputs.next_task;
+                let error = TaskError::pool(task, "the stage's worker process died");
+                self.outputs.fail(task, error);
+            } else if self.tasks.has_tasks() {
+                // Idle workers: the tasks made so far go without waiting
+                // for company.
+                self.tasks.close_pending();
             } else if self.held.is_none() && matches!(self.state, Input::Open) {
                 self.wait_input();
             }
