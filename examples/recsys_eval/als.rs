@@ -1,22 +1,8 @@
-//! Implicit-feedback matrix factorisation (alternating least squares, Hu,
-//! Koren and Volinsky 2008), the model workers read in place, and the
-//! function they run.
+//! Implicit-feedback matrix factorisation: alternating least squares (Hu,
+//! Koren and Volinsky 2008).
 
-use super::data::{Rng, Split};
-
-/// The persisted recommender: factors and each user's seen items (CSR).
-#[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, PartialEq)]
-pub(crate) struct MfModel {
-    pub(crate) dim: u32,
-    pub(crate) n_items: u32,
-    /// `n_users × dim`, row-major.
-    pub(crate) user_factors: Vec<f32>,
-    /// `n_items × dim`, row-major.
-    pub(crate) item_factors: Vec<f32>,
-    /// User `u`'s seen items are `seen_items[seen_offsets[u]..seen_offsets[u + 1]]`, sorted.
-    pub(crate) seen_offsets: Vec<u32>,
-    pub(crate) seen_items: Vec<u32>,
-}
+use super::data::{Ratings, Rng};
+use super::model::Scorer;
 
 /// Training settings.
 #[derive(Debug, Clone, Copy)]
@@ -114,12 +100,12 @@ fn update(solve: &mut [f32], other: &[f32], rows: &[Vec<(u32, f32)>], cfg: &AlsC
     });
 }
 
-/// Trains the model on `split.train`; `progress` is called after each iteration.
-pub(crate) fn train(split: &Split, cfg: &AlsConfig, mut progress: impl FnMut(usize)) -> MfModel {
-    let (n_users, n_items, k) = (split.train.n_users, split.train.n_items, cfg.dim);
+/// Trains factors on `train`; `progress` is called after each iteration.
+pub(crate) fn train(train: &Ratings, cfg: &AlsConfig, mut progress: impl FnMut(usize)) -> Scorer {
+    let (n_users, n_items, k) = (train.n_users, train.n_items, cfg.dim);
     let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_users];
     let mut by_item: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_items];
-    for &(u, i, r) in &split.train.triples {
+    for &(u, i, r) in &train.triples {
         // Ratings on 1–5 scaled to 0.2–1 before the confidence weight.
         by_user[u as usize].push((i, r / 5.0));
         by_item[i as usize].push((u, r / 5.0));
@@ -137,54 +123,10 @@ pub(crate) fn train(split: &Split, cfg: &AlsConfig, mut progress: impl FnMut(usi
         update(&mut items, &users, &by_item, cfg);
         progress(iteration + 1);
     }
-    let mut seen_offsets = Vec::with_capacity(n_users + 1);
-    let mut seen_items = Vec::new();
-    seen_offsets.push(0);
-    for row in &by_user {
-        let mut seen: Vec<u32> = row.iter().map(|&(i, _)| i).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen_items.extend(seen);
-        seen_offsets.push(seen_items.len() as u32);
-    }
-    MfModel {
+    Scorer::Factors {
         dim: k as u32,
-        n_items: n_items as u32,
         user_factors: users,
         item_factors: items,
-        seen_offsets,
-        seen_items,
+        item_bias: vec![0.0; n_items],
     }
-}
-
-/// The `top_n` highest-scoring items `user` has not seen, best first (ties:
-/// lower item id). Runs in a worker, reading the model in place.
-pub(crate) fn recommend(model: &ArchivedMfModel, (user, top_n): (u32, u32)) -> Vec<(u32, f32)> {
-    let k = model.dim.to_native() as usize;
-    let u = user as usize;
-    let factors = &model.user_factors[u * k..][..k];
-    let start = model.seen_offsets[u].to_native() as usize;
-    let end = model.seen_offsets[u + 1].to_native() as usize;
-    let seen = &model.seen_items[start..end];
-    let mut scored: Vec<(f32, u32)> = Vec::with_capacity(model.n_items.to_native() as usize);
-    for (item, row) in model.item_factors.chunks_exact(k).enumerate() {
-        let item = item as u32;
-        if seen.binary_search_by(|s| s.to_native().cmp(&item)).is_ok() {
-            continue;
-        }
-        let score: f32 = row
-            .iter()
-            .zip(factors)
-            .map(|(a, b)| a.to_native() * b.to_native())
-            .sum();
-        scored.push((score, item));
-    }
-    let n = (top_n as usize).min(scored.len());
-    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    if n > 0 && n < scored.len() {
-        scored.select_nth_unstable_by(n - 1, better);
-    }
-    scored.truncate(n);
-    scored.sort_by(better);
-    scored.into_iter().map(|(s, i)| (i, s)).collect()
 }

@@ -73,6 +73,17 @@ pub(crate) const ML_10M: Shape = Shape {
     items: 10_677,
     ratings: 10_000_054,
 };
+pub(crate) const ML_25M: Shape = Shape {
+    users: 162_541,
+    items: 59_047,
+    ratings: 25_000_095,
+};
+
+/// Above this many (user, item) pairs, each user's items are drawn from a
+/// popularity-weighted sample of candidates rather than from every item.
+const EXHAUSTIVE_PAIRS: usize = 1_000_000_000;
+/// Candidates drawn per rating a user will give, in the sampled mode.
+const CANDIDATES_PER_RATING: usize = 8;
 
 /// Generates ratings with the given shape: long-tail item popularity
 /// (Zipf-like), a heavy-tailed number of ratings per user (at least 20, as
@@ -118,13 +129,44 @@ pub(crate) fn synthetic(shape: Shape, seed: u64) -> Ratings {
     let scale_dot = 1.0 / (dim as f64).sqrt();
     let mut triples = Vec::with_capacity(shape.ratings);
     let mut keyed: Vec<(f64, usize)> = Vec::with_capacity(shape.items);
+    // For large shapes, candidates come from the cumulative popularity.
+    let sampled = shape.users.saturating_mul(shape.items) > EXHAUSTIVE_PAIRS;
+    let cumulative: Vec<f64> = if sampled {
+        popularity
+            .iter()
+            .scan(0.0, |acc, p| {
+                *acc += p;
+                Some(*acc)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut candidates: Vec<usize> = Vec::new();
     for (user, &count) in counts.iter().enumerate() {
         let uv = &users[user * dim..][..dim];
         keyed.clear();
-        for item in 0..shape.items {
+        candidates.clear();
+        if sampled {
+            let total = cumulative.last().copied().unwrap_or(0.0);
+            let target = (count * CANDIDATES_PER_RATING).min(shape.items);
+            while candidates.len() < target {
+                let x = rng.uniform() * total;
+                candidates.push(cumulative.partition_point(|&c| c < x).min(shape.items - 1));
+                if candidates.len() == target {
+                    candidates.sort_unstable();
+                    candidates.dedup();
+                }
+            }
+        } else {
+            candidates.extend(0..shape.items);
+        }
+        for &item in &candidates {
             let iv = &items[item * dim..][..dim];
             let affinity: f64 = uv.iter().zip(iv).map(|(a, b)| a * b).sum::<f64>() * scale_dot;
-            let weight = popularity[item] * (1.5 * affinity).exp();
+            // Sampled candidates were drawn by popularity already.
+            let prior = if sampled { 1.0 } else { popularity[item] };
+            let weight = prior * (1.5 * affinity).exp();
             // Weighted sampling without replacement (Efraimidis–Spirakis keys).
             keyed.push((rng.uniform().ln() / weight, item));
         }
@@ -161,61 +203,132 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-/// Reads MovieLens ratings: `u.data` (tab-separated `user item rating
+/// Dense indices for external ids, in order of first appearance: a table
+/// for the small ids MovieLens uses, a map for the rest.
+#[derive(Default)]
+struct DenseIds {
+    small: Vec<u32>,
+    large: HashMap<u64, u32>,
+    count: u32,
+}
+
+impl DenseIds {
+    const SMALL: u64 = 1 << 24;
+
+    fn index(&mut self, id: u64) -> u32 {
+        let next = self.count;
+        let index = if id < Self::SMALL {
+            let slot = id as usize;
+            if slot >= self.small.len() {
+                self.small.resize(slot + 1, u32::MAX);
+            }
+            if self.small[slot] == u32::MAX {
+                self.small[slot] = next;
+            }
+            self.small[slot]
+        } else {
+            *self.large.entry(id).or_insert(next)
+        };
+        if index == next {
+            self.count += 1;
+        }
+        index
+    }
+}
+
+/// An unsigned integer field, without allocating.
+fn parse_id(field: &[u8]) -> Option<u64> {
+    let field = field.trim_ascii();
+    if field.is_empty() {
+        return None;
+    }
+    field.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// Splits a ratings line on its separator: tabs (`u.data`), `::`
+/// (`ratings.dat`) or commas (`ratings.csv`); the first three fields.
+fn three_fields(line: &[u8]) -> Option<[&[u8]; 3]> {
+    let sep: &[u8] = if line.contains(&b'\t') {
+        b"\t"
+    } else if line.windows(2).any(|w| w == b"::") {
+        b"::"
+    } else {
+        b","
+    };
+    let mut rest = line;
+    let mut fields = [&[][..]; 3];
+    for (n, field) in fields.iter_mut().enumerate() {
+        match rest.windows(sep.len()).position(|w| w == sep) {
+            Some(at) => {
+                *field = &rest[..at];
+                rest = &rest[at + sep.len()..];
+            }
+            None if n == 2 => *field = rest,
+            None => return None,
+        }
+    }
+    Some(fields)
+}
+
+/// Reads MovieLens ratings line by line from `reader`, into one buffer
+/// reused for every line: `u.data` (tab-separated `user item rating
 /// timestamp`), `ratings.dat` (`::`-separated) or `ratings.csv` (with a
 /// `userId,movieId,rating,timestamp` header). Ids become dense indices in
 /// order of first appearance.
-pub(crate) fn parse_movielens(text: &str) -> Result<Ratings, ParseError> {
-    let mut users: HashMap<u64, u32> = HashMap::new();
-    let mut items: HashMap<u64, u32> = HashMap::new();
+pub(crate) fn parse_reader(mut reader: impl std::io::BufRead) -> Result<Ratings, ParseError> {
+    let mut users = DenseIds::default();
+    let mut items = DenseIds::default();
     let mut triples = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let number = i + 1;
-        let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() {
+    let mut line = Vec::with_capacity(128);
+    let mut number = 0;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ParseError {
+                    line: number + 1,
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        }
+        number += 1;
+        let text = line.trim_ascii_end();
+        if text.trim_ascii().is_empty() || (number == 1 && text.starts_with(b"userId")) {
             continue;
         }
-        if i == 0 && line.starts_with("userId") {
-            continue;
-        }
-        let fields: Vec<&str> = if line.contains('\t') {
-            line.split('\t').collect()
-        } else if line.contains("::") {
-            line.split("::").collect()
-        } else {
-            line.split(',').collect()
-        };
-        if fields.len() < 3 {
+        let Some([user, item, rating]) = three_fields(text) else {
             return Err(ParseError {
                 line: number,
                 message: format!(
                     "expected user, item and rating separated by tabs, '::' or commas, found {:?}",
-                    line
+                    String::from_utf8_lossy(text)
                 ),
             });
-        }
-        let id = |field: &str, what: &str| {
-            field.trim().parse::<u64>().map_err(|_| ParseError {
+        };
+        let id = |field: &[u8], what: &str| {
+            parse_id(field).ok_or_else(|| ParseError {
                 line: number,
-                message: format!("bad {what} id {field:?}"),
+                message: format!("bad {what} id {:?}", String::from_utf8_lossy(field.trim_ascii())),
             })
         };
-        let user = id(fields[0], "user")?;
-        let item = id(fields[1], "item")?;
-        let rating: f32 = fields[2]
-            .trim()
-            .parse()
+        let (user, item) = (id(user, "user")?, id(item, "item")?);
+        let value: f32 = std::str::from_utf8(rating.trim_ascii())
             .ok()
+            .and_then(|r| r.parse().ok())
             .filter(|r: &f32| r.is_finite() && *r > 0.0)
             .ok_or_else(|| ParseError {
                 line: number,
-                message: format!("bad rating {:?}", fields[2]),
+                message: format!("bad rating {:?}", String::from_utf8_lossy(rating.trim_ascii())),
             })?;
-        let next_user = users.len() as u32;
-        let user = *users.entry(user).or_insert(next_user);
-        let next_item = items.len() as u32;
-        let item = *items.entry(item).or_insert(next_item);
-        triples.push((user, item, rating));
+        triples.push((users.index(user), items.index(item), value));
     }
     if triples.is_empty() {
         return Err(ParseError {
@@ -224,62 +337,120 @@ pub(crate) fn parse_movielens(text: &str) -> Result<Ratings, ParseError> {
         });
     }
     Ok(Ratings {
-        n_users: users.len(),
-        n_items: items.len(),
+        n_users: users.count as usize,
+        n_items: items.count as usize,
         triples,
     })
 }
 
-/// Reads a MovieLens ratings file; see [`parse_movielens`].
+/// Reads a MovieLens ratings file; see [`parse_reader`].
 pub(crate) fn read_movielens(path: &Path) -> Result<Ratings, Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_movielens(&text).map_err(|e| format!("{}: {e}", path.display()).into())
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    parse_reader(reader).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-/// A per-user holdout: each user with at least 5 ratings gives
-/// `fraction` of them (at least one) to the test set, chosen by a seeded
-/// shuffle; the rest is training data.
+/// Training ratings and each user's held-out items: one fold of a
+/// cross-validation.
 #[derive(Debug, Clone)]
 pub(crate) struct Split {
     pub(crate) train: Ratings,
-    /// Held-out items per user (empty for users without a test set).
+    /// Held-out items per user, sorted (empty for users not tested here).
     pub(crate) test: Vec<Vec<u32>>,
 }
 
-pub(crate) fn holdout(ratings: &Ratings, fraction: f64, seed: u64) -> Split {
-    let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); ratings.n_users];
-    for &(u, i, r) in &ratings.triples {
-        by_user[u as usize].push((i, r));
+impl Split {
+    /// The users with held-out items.
+    pub(crate) fn test_users(&self) -> Vec<u32> {
+        (0..self.test.len() as u32)
+            .filter(|&u| !self.test[u as usize].is_empty())
+            .collect()
     }
-    let mut rng = Rng::new(seed ^ 0x7E57);
-    let mut train = Vec::with_capacity(ratings.triples.len());
-    let mut test = vec![Vec::new(); ratings.n_users];
-    for (user, mut rated) in by_user.into_iter().enumerate() {
-        rated.sort_by_key(|&(i, _)| i);
-        for i in (1..rated.len()).rev() {
-            rated.swap(i, rng.below(i + 1));
+}
+
+/// Users with fewer ratings are never tested (they always train).
+pub(crate) const MIN_TEST_USER_RATINGS: usize = 5;
+
+/// A user-based k-fold cross-validation, as LensKit's `crossfold_users`
+/// with `SampleFrac`: users with at least [`MIN_TEST_USER_RATINGS`]
+/// ratings are shuffled (seeded) and dealt into `k` folds, so each is
+/// tested in exactly one (`k = 1`: all in the one fold); in its fold, a
+/// user holds out `fraction` of their ratings (rounded, at least one),
+/// chosen by a seeded shuffle of their own; every other rating trains.
+#[derive(Debug, Clone)]
+pub(crate) struct Folds {
+    k: usize,
+    fraction: f64,
+    n_items: usize,
+    /// Each user's ratings, in the order their holdout takes them.
+    by_user: Vec<Vec<(u32, f32)>>,
+    /// The fold each user is tested in, if any.
+    fold_of: Vec<Option<usize>>,
+}
+
+impl Folds {
+    pub(crate) fn new(ratings: &Ratings, k: usize, fraction: f64, seed: u64) -> Folds {
+        let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); ratings.n_users];
+        for &(u, i, r) in &ratings.triples {
+            by_user[u as usize].push((i, r));
         }
-        let n_test = if rated.len() >= 5 {
-            ((rated.len() as f64 * fraction).round() as usize).max(1)
-        } else {
-            0
-        };
-        for (k, (item, rating)) in rated.into_iter().enumerate() {
-            if k < n_test {
-                test[user].push(item);
-            } else {
-                train.push((user as u32, item, rating));
+        for (user, rated) in by_user.iter_mut().enumerate() {
+            rated.sort_by_key(|&(i, _)| i);
+            let mut rng = Rng::new(seed ^ 0x7E57 ^ (user as u64).wrapping_mul(0x9E37_79B9));
+            for i in (1..rated.len()).rev() {
+                rated.swap(i, rng.below(i + 1));
             }
         }
-        test[user].sort_unstable();
-    }
-    Split {
-        train: Ratings {
-            n_users: ratings.n_users,
+        let mut testable: Vec<usize> = (0..ratings.n_users)
+            .filter(|&u| by_user[u].len() >= MIN_TEST_USER_RATINGS)
+            .collect();
+        let mut rng = Rng::new(seed ^ 0xF01D);
+        for i in (1..testable.len()).rev() {
+            testable.swap(i, rng.below(i + 1));
+        }
+        let mut fold_of = vec![None; ratings.n_users];
+        for (n, &user) in testable.iter().enumerate() {
+            fold_of[user] = Some(n % k.max(1));
+        }
+        Folds {
+            k: k.max(1),
+            fraction,
             n_items: ratings.n_items,
-            triples: train,
-        },
-        test,
+            by_user,
+            fold_of,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.k
+    }
+
+    /// Fold `f`: its users' held-out items, and everything else to train.
+    pub(crate) fn split(&self, f: usize) -> Split {
+        let mut train = Vec::new();
+        let mut test = vec![Vec::new(); self.by_user.len()];
+        for (user, rated) in self.by_user.iter().enumerate() {
+            let n_test = if self.fold_of[user] == Some(f) {
+                ((rated.len() as f64 * self.fraction).round() as usize).clamp(1, rated.len() - 1)
+            } else {
+                0
+            };
+            for (k, &(item, rating)) in rated.iter().enumerate() {
+                if k < n_test {
+                    test[user].push(item);
+                } else {
+                    train.push((user as u32, item, rating));
+                }
+            }
+            test[user].sort_unstable();
+        }
+        Split {
+            train: Ratings {
+                n_users: self.by_user.len(),
+                n_items: self.n_items,
+                triples: train,
+            },
+            test,
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Top-N ranking metrics with binary relevance, and a popularity baseline.
+//! Top-N ranking metrics with binary relevance.
 
 /// Metrics of one ranked list against the relevant items (sorted).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -47,25 +47,4 @@ pub(crate) fn mean(scores: &[Scores]) -> Scores {
         m.reciprocal_rank += s.reciprocal_rank / n;
     }
     m
-}
-
-/// Items by how many training ratings they have, most first (ties: lower id).
-pub(crate) fn popularity_order(n_items: usize, train: &[(u32, u32, f32)]) -> Vec<u32> {
-    let mut counts = vec![0u32; n_items];
-    for &(_, item, _) in train {
-        counts[item as usize] += 1;
-    }
-    let mut order: Vec<u32> = (0..n_items as u32).collect();
-    order.sort_by(|a, b| counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b)));
-    order
-}
-
-/// The `n` most popular items the user has not seen (`seen` sorted).
-pub(crate) fn popular_unseen(order: &[u32], seen: &[u32], n: usize) -> Vec<u32> {
-    order
-        .iter()
-        .copied()
-        .filter(|i| seen.binary_search(i).is_err())
-        .take(n)
-        .collect()
 }
