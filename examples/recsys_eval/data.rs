@@ -316,7 +316,10 @@ pub(crate) fn parse_reader(mut reader: impl std::io::BufRead) -> Result<Ratings,
         let id = |field: &[u8], what: &str| {
             parse_id(field).ok_or_else(|| ParseError {
                 line: number,
-                message: format!("bad {what} id {:?}", String::from_utf8_lossy(field.trim_ascii())),
+                message: format!(
+                    "bad {what} id {:?}",
+                    String::from_utf8_lossy(field.trim_ascii())
+                ),
             })
         };
         let (user, item) = (id(user, "user")?, id(item, "item")?);
@@ -326,7 +329,10 @@ pub(crate) fn parse_reader(mut reader: impl std::io::BufRead) -> Result<Ratings,
             .filter(|r: &f32| r.is_finite() && *r > 0.0)
             .ok_or_else(|| ParseError {
                 line: number,
-                message: format!("bad rating {:?}", String::from_utf8_lossy(rating.trim_ascii())),
+                message: format!(
+                    "bad rating {:?}",
+                    String::from_utf8_lossy(rating.trim_ascii())
+                ),
             })?;
         triples.push((users.index(user), items.index(item), value));
     }
@@ -345,7 +351,8 @@ pub(crate) fn parse_reader(mut reader: impl std::io::BufRead) -> Result<Ratings,
 
 /// Reads a MovieLens ratings file; see [`parse_reader`].
 pub(crate) fn read_movielens(path: &Path) -> Result<Ratings, Box<dyn std::error::Error>> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
     parse_reader(reader).map_err(|e| format!("{}: {e}", path.display()).into())
 }

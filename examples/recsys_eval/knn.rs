@@ -19,7 +19,10 @@ pub(crate) fn train(train: &Ratings, neighbours: usize, threads: usize) -> Score
         list.sort_unstable();
         list.dedup();
     }
-    let norms: Vec<f32> = by_item.iter().map(|users| (users.len() as f32).sqrt()).collect();
+    let norms: Vec<f32> = by_item
+        .iter()
+        .map(|users| (users.len() as f32).sqrt())
+        .collect();
     let per_thread = n_items.div_ceil(threads.max(1)).max(1);
     let mut lists: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_items];
     std::thread::scope(|scope| {
@@ -52,7 +55,8 @@ pub(crate) fn train(train: &Ratings, neighbours: usize, threads: usize) -> Score
                         counts[j as usize] = 0;
                     }
                     touched.clear();
-                    let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+                    let better =
+                        |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
                     if similar.len() > neighbours && neighbours > 0 {
                         similar.select_nth_unstable_by(neighbours - 1, better);
                         similar.truncate(neighbours);

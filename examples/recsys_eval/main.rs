@@ -172,6 +172,9 @@ fn score(
     })
 }
 
+/// An algorithm's fold 0: its model file and its lists.
+type FirstFold = (PathBuf, Vec<Vec<(u32, f32)>>);
+
 /// One algorithm on one fold.
 struct FoldResult {
     scores: metrics::Scores,
@@ -205,7 +208,11 @@ fn mean_sd(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// A number for the JSON line (`null` if it is not one).
 fn json_number(x: f64, decimals: usize) -> String {
-    if x.is_finite() { format!("{x:.decimals$}") } else { "null".into() }
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "null".into()
+    }
 }
 
 impl AlgorithmResult {
@@ -214,7 +221,13 @@ impl AlgorithmResult {
     }
 
     fn json(&self) -> String {
-        let pair = |(m, s): (f64, f64)| format!("{{\"mean\":{},\"sd\":{}}}", json_number(m, 5), json_number(s, 5));
+        let pair = |(m, s): (f64, f64)| {
+            format!(
+                "{{\"mean\":{},\"sd\":{}}}",
+                json_number(m, 5),
+                json_number(s, 5)
+            )
+        };
         let failed = match &self.failed {
             Some(why) => format!("{why:?}"),
             None => "null".into(),
@@ -250,7 +263,10 @@ impl Outputs {
         };
         Ok(Outputs {
             recommendations: open("recommendations.csv", "algorithm,fold,user,rank,item,score")?,
-            metrics: open("metrics.csv", "algorithm,fold,user,ndcg,recall,precision,reciprocal_rank")?,
+            metrics: open(
+                "metrics.csv",
+                "algorithm,fold,user,ndcg,recall,precision,reciprocal_rank",
+            )?,
             test: open("test.csv", "fold,user,item")?,
         })
     }
@@ -290,7 +306,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Preset::Ml10m => (data::ML_10M, "ml-10m"),
                 Preset::Ml25m => (data::ML_25M, "ml-25m"),
             };
-            (data::synthetic(shape, args.seed), format!("synthetic {name}"))
+            (
+                data::synthetic(shape, args.seed),
+                format!("synthetic {name}"),
+            )
         }
     };
     let read_s = read_started.elapsed().as_secs_f64();
@@ -313,7 +332,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     // Fold 0's model and lists per algorithm, to score again with 1 job.
-    let mut first_fold: Vec<Option<(PathBuf, Vec<Vec<(u32, f32)>>)>> = vec![None; results.len()];
+    let mut first_fold: Vec<Option<FirstFold>> = vec![None; results.len()];
     let mut first_users = Vec::new();
     let mut test_users_total = 0;
     let training_bar = progress((folds.len() * results.len()) as u64, "training");
@@ -328,7 +347,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if f == 0 {
             if let Some(dir) = &args.export {
-                export(dir, &split).map_err(|e| format!("cannot export the split to {}: {e}", dir.display()))?;
+                export(dir, &split)
+                    .map_err(|e| format!("cannot export the split to {}: {e}", dir.display()))?;
             }
             first_users = users.clone();
         }
@@ -337,7 +357,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (slot, result) in results.iter_mut().enumerate() {
             let algorithm = result.algorithm;
             training_bar.set_message(format!("training {} fold {f}", algorithm.name()));
-            let model_path = scratch.path().join(format!("{}-{f}.model", algorithm.name()));
+            let model_path = scratch
+                .path()
+                .join(format!("{}-{f}.model", algorithm.name()));
             let job = TrainJob {
                 algorithm,
                 data: data_path.clone(),
@@ -347,7 +369,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 neighbours: args.neighbours,
                 threads: cpus,
                 seed: args.seed,
-                sabotage: args.fail_training.iter().find(|(a, _)| *a == algorithm).map(|(_, s)| *s),
+                sabotage: args
+                    .fail_training
+                    .iter()
+                    .find(|(a, _)| *a == algorithm)
+                    .map(|(_, s)| *s),
             };
             let trained = procpool::Isolated::new(train::train_job)
                 .memory_limit(args.train_memory_mb << 20)
@@ -376,7 +402,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 per_user.push(s);
                 let name = algorithm.name();
                 for (rank, (item, score)) in list.iter().enumerate() {
-                    writeln!(outputs.recommendations, "{name},{f},{user},{},{item},{score}", rank + 1)?;
+                    writeln!(
+                        outputs.recommendations,
+                        "{name},{f},{user},{},{item},{score}",
+                        rank + 1
+                    )?;
                 }
                 writeln!(
                     outputs.metrics,
@@ -405,7 +435,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // how much the workers gained.
     let best = (0..results.len())
         .filter(|&i| results[i].failed.is_none() && first_fold[i].is_some())
-        .max_by(|&a, &b| results[a].stat(|f| f.scores.ndcg).0.total_cmp(&results[b].stat(|f| f.scores.ndcg).0));
+        .max_by(|&a, &b| {
+            results[a]
+                .stat(|f| f.scores.ndcg)
+                .0
+                .total_cmp(&results[b].stat(|f| f.scores.ndcg).0)
+        });
     let mut one_job = None;
     if let Some(b) = best
         && let Some((path, lists)) = &first_fold[b]
@@ -436,7 +471,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  budget   training: one process at a time, {cpus} threads, {} MiB limit; scoring: {n_jobs} workers",
         args.train_memory_mb
     );
-    println!("  files    {}/{{recommendations,metrics,test}}.csv", args.out.display());
+    println!(
+        "  files    {}/{{recommendations,metrics,test}}.csv",
+        args.out.display()
+    );
     println!();
     println!(
         "  {:<13} {:>17} {:>17} {:>17} {:>17} {:>9} {:>9}",
@@ -498,7 +536,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let failed = results.iter().filter(|r| r.failed.is_some()).count();
     if failed > 0 && !args.keep_going {
-        return Err(format!("{failed} of {} algorithms failed to train (--keep-going to exit with success)", results.len()).into());
+        return Err(format!(
+            "{failed} of {} algorithms failed to train (--keep-going to exit with success)",
+            results.len()
+        )
+        .into());
     }
     Ok(())
 }

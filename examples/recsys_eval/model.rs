@@ -77,7 +77,10 @@ pub(crate) fn recommend(model: &ArchivedModel, (user, top_n): (u32, u32)) -> Vec
         } => {
             for j in seen {
                 let j = j.to_native() as usize;
-                let (a, b) = (offsets[j].to_native() as usize, offsets[j + 1].to_native() as usize);
+                let (a, b) = (
+                    offsets[j].to_native() as usize,
+                    offsets[j + 1].to_native() as usize,
+                );
                 for (i, s) in neighbours[a..b].iter().zip(&similarities[a..b]) {
                     let score = &mut scores[i.to_native() as usize];
                     *score = score.max(0.0) + s.to_native();
@@ -92,8 +95,16 @@ pub(crate) fn recommend(model: &ArchivedModel, (user, top_n): (u32, u32)) -> Vec
         } => {
             let k = dim.to_native() as usize;
             let factors = &user_factors[u * k..][..k];
-            for ((score, row), bias) in scores.iter_mut().zip(item_factors.chunks_exact(k)).zip(item_bias.iter()) {
-                let dot: f32 = row.iter().zip(factors).map(|(a, b)| a.to_native() * b.to_native()).sum();
+            for ((score, row), bias) in scores
+                .iter_mut()
+                .zip(item_factors.chunks_exact(k))
+                .zip(item_bias.iter())
+            {
+                let dot: f32 = row
+                    .iter()
+                    .zip(factors)
+                    .map(|(a, b)| a.to_native() * b.to_native())
+                    .sum();
                 *score = bias.to_native() + dot;
             }
         }
