@@ -49,6 +49,16 @@ fn metrics_match_hand_computed_values() {
             && close(s.precision, 0.5)
             && close(s.reciprocal_rank, 1.0)
     );
+    // More relevant items than k: recall counts against k (LensKit's
+    // definition), and so does the ideal list.
+    let s = metrics::score_list(&[1, 2], &[1, 2, 3], 2);
+    assert!(
+        close(s.recall, 1.0) && close(s.ndcg, 1.0) && close(s.precision, 1.0),
+        "{s:?}"
+    );
+    // A list shorter than k: precision counts against its length.
+    let s = metrics::score_list(&[1], &[1, 9], 3);
+    assert!(close(s.precision, 1.0) && close(s.recall, 0.5), "{s:?}");
     // No hit, and hits beyond k do not count.
     assert_eq!(
         metrics::score_list(&[1, 2, 3], &[9], 3),
@@ -420,7 +430,7 @@ fn the_experiment_reports_failed_trainings_and_goes_on() {
     assert!(!recs.lines().any(|l| l.starts_with("item-knn,")));
     // Every test user of both folds has a row per algorithm that trained.
     let metrics = std::fs::read_to_string(out.path().join("metrics.csv")).unwrap();
-    let test = std::fs::read_to_string(out.path().join("test.csv")).unwrap();
+    let test = std::fs::read_to_string(out.path().join("truth.csv")).unwrap();
     let test_users: std::collections::BTreeSet<String> = test
         .lines()
         .skip(1)

@@ -81,7 +81,7 @@ struct Args {
     /// Address-space limit of each training process, in MiB.
     #[arg(long, default_value_t = 16_384)]
     train_memory_mb: u64,
-    /// Where recommendations.csv, metrics.csv and test.csv go.
+    /// Where recommendations.csv, metrics.csv and truth.csv (the held-out items) go.
     #[arg(long, default_value = "target/recsys_eval")]
     out: PathBuf,
     /// Exit with success even if some training failed.
@@ -190,6 +190,50 @@ struct AlgorithmResult {
     failed: Option<String>,
 }
 
+/// Trains each of `jobs` in a process of its own, `concurrent` at a time;
+/// each training's seconds, or why it failed.
+fn train_all(
+    jobs: &[TrainJob],
+    concurrent: usize,
+    memory_limit: u64,
+    seed: u64,
+    bar: &ProgressBar,
+) -> Vec<Result<f64, String>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (done, results) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrent {
+            let done = done.clone();
+            let next = &next;
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    bar.set_message(format!("training {}", job.algorithm.name()));
+                    let trained = procpool::Isolated::new(train::train_job)
+                        .memory_limit(memory_limit)
+                        .seed(seed)
+                        .run(job.clone());
+                    bar.inc(1);
+                    let outcome = match trained {
+                        Ok(outcome) => outcome,
+                        Err(error) => Err(error.to_string()),
+                    };
+                    if done.send((i, outcome)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    drop(done);
+    let mut outcomes: Vec<Result<f64, String>> = vec![Err("not trained".into()); jobs.len()];
+    for (i, outcome) in results {
+        outcomes[i] = outcome;
+    }
+    outcomes
+}
+
 /// Mean and sample standard deviation.
 fn mean_sd(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let v: Vec<f64> = values.collect();
@@ -267,7 +311,7 @@ impl Outputs {
                 "metrics.csv",
                 "algorithm,fold,user,ndcg,recall,precision,reciprocal_rank",
             )?,
-            test: open("test.csv", "fold,user,item")?,
+            test: open("truth.csv", "fold,user,item")?,
         })
     }
 
@@ -314,8 +358,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let read_s = read_started.elapsed().as_secs_f64();
     let folds = data::Folds::new(&ratings, args.folds, args.holdout, args.seed);
-    // One training at a time, using the CPUs; scoring on as many workers.
+    // The CPU budget, by nesting level: level 0 is how many trainings run
+    // at once (and the scoring workers), level 1 the threads each uses.
     let cpus = procpool::proc_count(1, None, 0)?;
+    let concurrent = cpus.min(args.algorithms.len()).max(1);
+    let training_threads = (cpus / concurrent).max(1);
     let n_jobs = args.jobs.unwrap_or(cpus.max(2));
     let top_n = args.top_n as u32;
     let scratch = tempfile::tempdir()?;
@@ -354,40 +401,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let data_path = scratch.path().join(format!("fold-{f}.train"));
         procpool::persist_to_path(&TrainData::from_ratings(&split.train), &data_path)?;
-        for (slot, result) in results.iter_mut().enumerate() {
-            let algorithm = result.algorithm;
-            training_bar.set_message(format!("training {} fold {f}", algorithm.name()));
-            let model_path = scratch
-                .path()
-                .join(format!("{}-{f}.model", algorithm.name()));
-            let job = TrainJob {
-                algorithm,
+        let jobs: Vec<TrainJob> = results
+            .iter()
+            .map(|result| TrainJob {
+                algorithm: result.algorithm,
                 data: data_path.clone(),
-                model: model_path.clone(),
+                model: scratch
+                    .path()
+                    .join(format!("{}-{f}.model", result.algorithm.name())),
                 dim: args.factors,
                 iterations: args.iterations,
                 neighbours: args.neighbours,
-                threads: cpus,
+                threads: training_threads,
                 seed: args.seed,
                 sabotage: args
                     .fail_training
                     .iter()
-                    .find(|(a, _)| *a == algorithm)
+                    .find(|(a, _)| *a == result.algorithm)
                     .map(|(_, s)| *s),
-            };
-            let trained = procpool::Isolated::new(train::train_job)
-                .memory_limit(args.train_memory_mb << 20)
-                .seed(args.seed)
-                .run(job);
-            training_bar.inc(1);
+            })
+            .collect();
+        let limit = args.train_memory_mb << 20;
+        let trained = train_all(&jobs, concurrent, limit, args.seed, &training_bar);
+        for (slot, (result, trained)) in results.iter_mut().zip(trained).enumerate() {
+            let algorithm = result.algorithm;
+            let model_path = jobs[slot].model.clone();
             let train_s = match trained {
-                Ok(Ok(seconds)) => seconds,
-                Ok(Err(why)) => {
+                Ok(seconds) => seconds,
+                Err(why) => {
                     result.failed.get_or_insert(format!("fold {f}: {why}"));
-                    continue;
-                }
-                Err(error) => {
-                    result.failed.get_or_insert(format!("fold {f}: {error}"));
                     continue;
                 }
             };
@@ -468,11 +510,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.holdout * 100.0
     );
     println!(
-        "  budget   training: one process at a time, {cpus} threads, {} MiB limit; scoring: {n_jobs} workers",
+        "  budget   training: {concurrent} processes at a time, {training_threads} thread(s) and {} MiB each; scoring: {n_jobs} workers",
         args.train_memory_mb
     );
     println!(
-        "  files    {}/{{recommendations,metrics,test}}.csv",
+        "  files    {}/{{recommendations,metrics,truth}}.csv",
         args.out.display()
     );
     println!();

@@ -9,7 +9,11 @@ pub(crate) struct Scores {
     pub(crate) reciprocal_rank: f64,
 }
 
-/// Scores the first `k` items of `ranked` against `relevant` (sorted ids).
+/// Scores the first `k` items of `ranked` against `relevant` (sorted ids),
+/// with LensKit's definitions: nDCG with the `1 / lg(rank + 1)` discount
+/// and the ideal list of `min(|relevant|, k)` hits; recall as hits over
+/// `min(|relevant|, k)`; precision as hits over the list's length (`k`, or
+/// fewer if the list is shorter); the reciprocal rank of the first hit.
 pub(crate) fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
     if relevant.is_empty() || k == 0 {
         return Scores::default();
@@ -25,13 +29,18 @@ pub(crate) fn score_list(ranked: &[u32], relevant: &[u32], k: usize) -> Scores {
             first_hit.get_or_insert(rank);
         }
     }
-    let ideal: f64 = (0..relevant.len().min(k))
+    let ideal_hits = relevant.len().min(k);
+    let ideal: f64 = (0..ideal_hits)
         .map(|rank| 1.0 / (rank as f64 + 2.0).log2())
         .sum();
     Scores {
         ndcg: dcg / ideal,
-        recall: hits as f64 / relevant.len() as f64,
-        precision: hits as f64 / k as f64,
+        recall: hits as f64 / ideal_hits as f64,
+        precision: if top.is_empty() {
+            0.0
+        } else {
+            hits as f64 / top.len() as f64
+        },
         reciprocal_rank: first_hit.map_or(0.0, |r| 1.0 / (r as f64 + 1.0)),
     }
 }
