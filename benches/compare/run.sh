@@ -45,10 +45,11 @@ if ! "$venv/bin/python" benches/compare/pipeline_peers.py >> "$raw"; then
     echo '{"tool":"blllib","workload":"pipeline","error":"the run failed"}' >> "$raw"
 fi
 
-echo "== recommender evaluation on one data export" >&2
+echo "== recommender experiment, ML-1M-shaped folds, then LensKit on them" >&2
 export_dir=$(mktemp -d)
 trap 'rm -rf "$export_dir"' EXIT
-cargo run -q --release --example recsys_eval -- --jobs 2 --export "$export_dir" | tail -n 1 >> "$raw"
+cargo run -q --release --example recsys_eval -- --preset ml-1m --jobs 2 \
+    --export "$export_dir" --out "$export_dir" | tail -n 1 >> "$raw"
 (cd benches/compare && "$venv/bin/python" peers.py recsys "$export_dir" 2) >> "$raw"
 
 "$venv/bin/python" benches/compare/report.py "$raw" "$out"

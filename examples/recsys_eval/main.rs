@@ -362,7 +362,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // at once (and the scoring workers), level 1 the threads each uses.
     let cpus = procpool::proc_count(1, None, 0)?;
     let concurrent = cpus.min(args.algorithms.len()).max(1);
-    let training_threads = (cpus / concurrent).max(1);
+    let training_threads = procpool::proc_count(1, None, 1)?;
     let n_jobs = args.jobs.unwrap_or(cpus.max(2));
     let top_n = args.top_n as u32;
     let scratch = tempfile::tempdir()?;
