@@ -168,17 +168,7 @@ impl<'p> Engine<'p> {
     /// Waits until some worker has results, died, or ran past a time limit,
     /// and delivers what came back to `sink`.
     pub(crate) fn wait(&mut self, sink: &mut dyn Sink) {
-        // Frames may already wait in a reader's buffer (they can arrive with
-        // a READY); handle them before blocking on new ones.
-        if let Some(slot) = self
-            .workers
-            .workers
-            .iter()
-            .position(|w| w.reader.has_frame())
-        {
-            if self.collect_frames(slot, sink).is_err() {
-                self.worker_died(slot, sink);
-            }
+        if self.collect_buffered(sink) {
             return;
         }
         // One busy worker, nothing to send and no clock to watch: block in
@@ -201,18 +191,27 @@ impl<'p> Engine<'p> {
     /// watch: a pipeline stage whose input may arrive while its workers are
     /// busy.
     pub(crate) fn wait_or_woken(&mut self, sink: &mut dyn Sink, doorbell: RawFd) {
-        if let Some(slot) = self
+        if !self.collect_buffered(sink) {
+            self.poll_and_collect(sink, Some(doorbell));
+        }
+    }
+
+    /// Handles the frames already in a worker's read buffer (they can
+    /// arrive with a READY), before blocking on new ones; whether there
+    /// were any.
+    fn collect_buffered(&mut self, sink: &mut dyn Sink) -> bool {
+        let buffered = self
             .workers
             .workers
             .iter()
-            .position(|w| w.reader.has_frame())
-        {
-            if self.collect_frames(slot, sink).is_err() {
-                self.worker_died(slot, sink);
-            }
-            return;
+            .position(|w| w.reader.has_frame());
+        let Some(slot) = buffered else {
+            return false;
+        };
+        if self.collect_frames(slot, sink).is_err() {
+            self.worker_died(slot, sink);
         }
-        self.poll_and_collect(sink, Some(doorbell));
+        true
     }
 
     /// The one worker with work, when nothing else needs watching.
