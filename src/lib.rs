@@ -21,6 +21,9 @@
 //!   workers; only partial results travel.
 //! - [`fold`] folds an input in chunks on a swappable [`ParallelMap`]
 //!   backend: [`Sequential`], [`Threads`] or [`Processes`].
+//! - [`pipeline`] chains stateless, stateful, windowed, chunked and
+//!   in-parent stages that run at once on processes of their own, and
+//!   yields the output lazily, in input order ([`Pipeline`]).
 //! - [`run_sp`] (or [`Isolated`]) runs one call in a fresh process.
 //! - [`proc_count`] says how many processes to use.
 //! - [`init`] starts the fork server early; call it first in `main`.
