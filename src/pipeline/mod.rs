@@ -1,49 +1,6 @@
-//! A pipeline of stages across processes, as blllib's `Pipeline`: each
-//! item of the input goes through every stage in turn, and the output
-//! comes out lazily, in input order.
-//!
-//! Stages, each added by a method of [`Pipeline`]:
-//!
-//! | method | runs | blllib |
-//! |---|---|---|
-//! | [`map`](Pipeline::map), [`map_with_model`](Pipeline::map_with_model) | `f(item)` on a pool of workers | stateless |
-//! | [`stateful`](Pipeline::stateful) | `init()` once, then `step(&mut state, item)` on every item in order, in one dedicated process | stateful |
-//! | [`windowed`](Pipeline::windowed) | `f(&window)` on each run of `k` consecutive items (stride 1), on a pool | conditionally stateless |
-//! | [`chunked`](Pipeline::chunked) | `f(&chunk)` on each `k` items, the last chunk shorter, on a pool | — |
-//! | [`in_parent`](Pipeline::in_parent) | a closure, in this process | `run_in_master` |
-//! | [`flatten`](Pipeline::flatten) | the previous stage's `Option` or `Vec` outputs as items: to drop or expand items | — |
-//!
-//! A stage never drops an item on its own: every input item reaches the
-//! next stage, whatever the bounds. Stages run at once, each a bounded
-//! number of tasks ahead ([`in_flight`](Pipeline::in_flight)); items move
-//! between them in chunks, and between two process stages they are passed
-//! on encoded, never decoded in this process.
-//!
-//! The seed's example (blllib's README), across processes:
-//!
-//! ```
-//! fn start() -> i64 {
-//!     0
-//! }
-//! fn accumulate(acc: &mut i64, x: i64) -> i64 {
-//!     *acc += x;
-//!     *acc
-//! }
-//! fn difference2(window: &[i64]) -> i64 {
-//!     window[2] - window[0]
-//! }
-//! fn negate(x: i64) -> i64 {
-//!     -x
-//! }
-//! let out: Vec<i64> = procpool::pipeline()
-//!     .stateful(start, accumulate)   // 0 1 3 6 10 15
-//!     .windowed(3, difference2)      // 3 5 7 9
-//!     .map(negate)                   // -3 -5 -7 -9
-//!     .apply(0..6i64)
-//!     .collect::<Result<_, _>>()?;
-//! assert_eq!(out, [-3, -5, -7, -9]);
-//! # Ok::<(), procpool::PipelineError>(())
-//! ```
+//! Pipelines: typed stages ([`Pipeline`]), one stage as it runs
+//! (`stage`), the process runner (`threads`) and the sequential one
+//! (`sequential`).
 
 mod output;
 mod sequential;
@@ -91,12 +48,56 @@ pub fn pipeline<A>() -> Pipeline<A, A> {
     }
 }
 
-/// A sequence of stages from `A`s to `B`s, not yet running: see the
-/// [module documentation](crate::pipeline()) and [`pipeline`].
+/// A sequence of stages from `A`s to `B`s, not yet running, as blllib's
+/// `Pipeline`: each item of the input goes through every stage in turn,
+/// and the output comes out lazily, in input order.
+///
+/// Stages, each added by a method:
+///
+/// | method | runs | blllib |
+/// |---|---|---|
+/// | [`map`](Pipeline::map), [`map_with_model`](Pipeline::map_with_model) | `f(item)` on a pool of workers | stateless |
+/// | [`stateful`](Pipeline::stateful) | `init()` once, then `step(&mut state, item)` on every item in order, in one dedicated process | stateful |
+/// | [`windowed`](Pipeline::windowed) | `f(&window)` on each run of `k` consecutive items (stride 1), on a pool | conditionally stateless |
+/// | [`chunked`](Pipeline::chunked) | `f(&chunk)` on each `k` items, the last chunk shorter, on a pool | — |
+/// | [`in_parent`](Pipeline::in_parent) | a closure, in this process | `run_in_master` |
+/// | [`flatten`](Pipeline::flatten) | the previous stage's `Option` or `Vec` outputs as items: to drop or expand items | — |
+///
+/// A stage never drops an item on its own: every input item reaches the
+/// next stage, whatever the bounds. Stages run at once, each a bounded
+/// number of tasks ahead ([`in_flight`](Pipeline::in_flight)); items move
+/// between them in chunks, and between two process stages they are passed
+/// on encoded, never decoded in this process.
+///
+/// The seed's example (blllib's README), across processes:
+///
+/// ```
+/// fn start() -> i64 {
+///     0
+/// }
+/// fn accumulate(acc: &mut i64, x: i64) -> i64 {
+///     *acc += x;
+///     *acc
+/// }
+/// fn difference2(window: &[i64]) -> i64 {
+///     window[2] - window[0]
+/// }
+/// fn negate(x: i64) -> i64 {
+///     -x
+/// }
+/// let out: Vec<i64> = procpool::pipeline()
+///     .stateful(start, accumulate)   // 0 1 3 6 10 15
+///     .windowed(3, difference2)      // 3 5 7 9
+///     .map(negate)                   // -3 -5 -7 -9
+///     .apply(0..6i64)
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(out, [-3, -5, -7, -9]);
+/// # Ok::<(), procpool::PipelineError>(())
+/// ```
 ///
 /// It is used once: [`apply`](Pipeline::apply) and
 /// [`apply_sequential`](Pipeline::apply_sequential) consume it (blllib's
-/// rule, here checked by the compiler).
+/// rule, here checked by the compiler). Start one with [`pipeline`].
 pub struct Pipeline<A, B> {
     plan: Plan,
     _types: PhantomData<fn(A) -> B>,
