@@ -202,8 +202,8 @@ impl StageThread {
         self.state = Input::Ended;
     }
 
-    /// Sends what is passed on; false if the stage is done (failed, ended,
-    /// or nobody listens).
+    /// Sends what is passed on; `Err` if the stage is to stop: it failed
+    /// (its failure is sent on) or nobody listens any more.
     fn pass_on(&mut self) -> Result<(), ()> {
         if let Some(chunk) = self.outputs.take_chunk()
             && !self.downstream.send(Flow::Items(chunk))
@@ -269,7 +269,8 @@ impl StageThread {
                 return false;
             }
             if self.finish_if_done() {
-                return matches!(self.state, Input::Ended);
+                // Every task is done: the workers may exit on their own.
+                return true;
             }
             if engine.in_flight() {
                 engine.wait_or_woken(&mut self.outputs, self.bell.0.as_raw_fd());
@@ -290,7 +291,7 @@ impl StageThread {
         }
     }
 
-    /// An in-parent stage: runs each chunk through `here` as it comes.
+    /// An in-parent stage: runs each chunk through `closure` as it comes.
     fn run_here(mut self, mut closure: Box<dyn InParentFn>, root_seed: u64) {
         self.tasks.target = INPUT_CHUNK_ITEMS;
         loop {
