@@ -695,3 +695,43 @@ fn the_sequential_runner_equals_the_process_runner_on_random_pipelines() {
     }
     assert!(failures > 0, "no case failed: errors were not compared");
 }
+
+fn nap_at_3(acc: &mut i64, x: i64) -> i64 {
+    if x == 3 {
+        std::thread::sleep(Duration::from_secs(20));
+    }
+    *acc += x;
+    *acc
+}
+
+#[test]
+fn a_task_past_its_time_limit_ends_the_output_in_any_process_stage() {
+    let started = Instant::now();
+    let out: Vec<Result<i64, PipelineError>> = procpool::pipeline()
+        .map(id)
+        .stateful(accumulator_init, nap_at_3)
+        .task_timeout(Duration::from_millis(300))
+        .apply(0..10i64)
+        .collect();
+    let (err, good) = out.split_last().unwrap();
+    let err = err.as_ref().unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(err.stage(), 1);
+    assert_eq!(err.task_error().unwrap().task_index(), 3, "{err}");
+    assert!(good.len() <= 3 && good.iter().all(Result::is_ok));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the 20 s nap was cut short"
+    );
+    let err = procpool::pipeline()
+        .map(id)
+        .task_timeout(Duration::ZERO)
+        .apply(0..3i64)
+        .find_map(Result::err)
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("task_timeout must be longer than zero"),
+        "{err}"
+    );
+}

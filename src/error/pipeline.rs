@@ -190,6 +190,32 @@ impl PipelineError {
         self.task_error().is_some_and(TaskError::is_crash)
     }
 
+    /// Whether the task ran past the pipeline's `task_timeout` (see
+    /// [`TaskError::is_timeout`]).
+    ///
+    /// ```
+    /// # fn check(x: u32) -> u32 { assert!(x != 3); x }
+    /// let err = procpool::pipeline().map(check)
+    ///     .apply_sequential(0..10u32).find_map(Result::err).unwrap();
+    /// assert!(!err.is_timeout());
+    /// ```
+    pub fn is_timeout(&self) -> bool {
+        self.task_error().is_some_and(TaskError::is_timeout)
+    }
+
+    /// Whether an allocation failed under the pipeline's `memory_limit`
+    /// (see [`TaskError::is_out_of_memory`]).
+    ///
+    /// ```
+    /// # fn check(x: u32) -> u32 { assert!(x != 3); x }
+    /// let err = procpool::pipeline().map(check)
+    ///     .apply_sequential(0..10u32).find_map(Result::err).unwrap();
+    /// assert!(!err.is_out_of_memory());
+    /// ```
+    pub fn is_out_of_memory(&self) -> bool {
+        self.task_error().is_some_and(TaskError::is_out_of_memory)
+    }
+
     /// The signal that killed the worker, if one did.
     ///
     /// ```

@@ -120,6 +120,10 @@ struct Plan {
     n_cpu: Option<usize>,
     seed: Option<u64>,
     start_method: StartMethod,
+    /// Longest a task of a process stage may run.
+    task_timeout: Option<std::time::Duration>,
+    /// Address-space limit of each worker of a process stage.
+    memory_limit: Option<u64>,
     /// A setting that made no sense, reported when the pipeline runs.
     misuse: Option<String>,
 }
@@ -196,6 +200,9 @@ impl Plan {
         if self.stages.is_empty() {
             return Err(refused(0, "a pipeline needs at least one stage".into()));
         }
+        if self.task_timeout == Some(std::time::Duration::ZERO) {
+            return Err(refused(0, "task_timeout must be longer than zero".into()));
+        }
         let n_cpu = match self.n_cpu {
             Some(0) => return Err(refused(0, "n_cpu must be at least 1".into())),
             Some(n) => n,
@@ -262,7 +269,7 @@ impl StagePlan {
 
     /// Starts the stage's `n_jobs` workers, or hands over the closure of a
     /// stage run here.
-    fn start(self, n_jobs: usize, method: StartMethod) -> Result<Started, PoolError> {
+    fn start(self, n_jobs: usize, plan: &Plan) -> Result<Started, PoolError> {
         let (job, model) = match self.work {
             Work::Job { job, model } => (job, model),
             Work::Closure(closure) => return Ok(Started::Here(closure)),
@@ -278,12 +285,12 @@ impl StagePlan {
         // run again on a fresh state, and its process is not replaced.
         let stateful = self.kind == StageKind::Stateful;
         let policy = Policy {
-            task_timeout: None,
-            memory_limit: None,
+            task_timeout: plan.task_timeout,
+            memory_limit: plan.memory_limit,
             max_tries: if stateful { 1 } else { 2 },
             replace_dead: !stateful,
         };
-        let spec = PoolSpec::new(method, n_jobs, model_fd, job, policy);
+        let spec = PoolSpec::new(plan.start_method, n_jobs, model_fd, job, policy);
         Ok(Started::Workers(Workers::start(spec)?))
     }
 }
@@ -570,6 +577,49 @@ where
     /// ```
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.plan.start_method = method;
+        self
+    }
+
+    /// Stops a worker whose task runs longer than `limit` (SIGTERM, then
+    /// SIGKILL half a second later); the output ends with that task's
+    /// error, [`is_timeout`](PipelineError::is_timeout). Process stages
+    /// only; `apply_sequential` and in-parent stages do not time out.
+    ///
+    /// ```
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(std::time::Duration::from_millis(ms));
+    ///     ms
+    /// }
+    /// let out: Vec<_> = procpool::pipeline()
+    ///     .map(nap)
+    ///     .task_timeout(std::time::Duration::from_millis(500))
+    ///     .apply([1, 5_000])
+    ///     .collect();
+    /// assert_eq!(out.len(), 2);
+    /// assert!(out[1].as_ref().unwrap_err().is_timeout());
+    /// ```
+    pub fn task_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.plan.task_timeout = Some(limit);
+        self
+    }
+
+    /// Limits each worker of a process stage to `bytes` of address space
+    /// (`RLIMIT_AS`); a task whose allocation fails under it ends the
+    /// output with [`is_out_of_memory`](PipelineError::is_out_of_memory).
+    ///
+    /// ```
+    /// fn hog(mib: usize) -> usize {
+    ///     vec![1u8; mib << 20].len()
+    /// }
+    /// let out: Vec<_> = procpool::pipeline()
+    ///     .map(hog)
+    ///     .memory_limit(1 << 30)
+    ///     .apply([1, 4_096])
+    ///     .collect();
+    /// assert!(out[1].as_ref().unwrap_err().is_out_of_memory());
+    /// ```
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.plan.memory_limit = Some(bytes);
         self
     }
 

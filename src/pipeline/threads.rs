@@ -388,7 +388,7 @@ where
     }
 
     /// Starts every stage's workers, then their threads.
-    fn launch(&mut self, plan: Plan) -> Result<(), PipelineError> {
+    fn launch(&mut self, mut plan: Plan) -> Result<(), PipelineError> {
         let checked = plan.check()?;
         let last = plan.stages.len() - 1;
         let mut bells = Vec::new();
@@ -405,10 +405,11 @@ where
         self.shared = Arc::clone(&shared);
         // Workers first, so a stage that cannot start leaves no thread.
         let mut started = Vec::new();
-        for (position, stage) in plan.stages.into_iter().enumerate() {
+        let stages = std::mem::take(&mut plan.stages);
+        for (position, stage) in stages.into_iter().enumerate() {
             let (kind, post, in_flight) = (stage.kind, stage.post.clone(), stage.in_flight);
             let ready = stage
-                .start(checked.n_jobs[position], plan.start_method)
+                .start(checked.n_jobs[position], &plan)
                 .map_err(|e| PipelineError::start(position, kind, e))?;
             if let Started::Workers(workers) = &ready {
                 self.pids.extend(workers.pids());
