@@ -124,6 +124,7 @@ struct Plan {
     task_timeout: Option<std::time::Duration>,
     /// Address-space limit of each worker of a process stage.
     memory_limit: Option<u64>,
+    progress: Option<crate::progress::ProgressFn>,
     /// A setting that made no sense, reported when the pipeline runs.
     misuse: Option<String>,
 }
@@ -620,6 +621,33 @@ where
     /// ```
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.plan.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Calls `report` with the [`Progress`](crate::Progress) of the run
+    /// from the caller's thread as outputs are taken, at most ten times a
+    /// second and once at the end: `submitted` counts the input items read,
+    /// `done` the outputs taken (more than the input when a stage expands
+    /// items), `failed` the error that ended the output.
+    ///
+    /// ```
+    /// # fn square(x: u64) -> u64 { x * x }
+    /// use std::sync::{Arc, Mutex};
+    /// let last = Arc::new(Mutex::new(None));
+    /// let seen = Arc::clone(&last);
+    /// let n = procpool::pipeline()
+    ///     .map(square)
+    ///     .on_progress(move |p| *seen.lock().unwrap() = Some((p.submitted, p.done)))
+    ///     .apply(0..100u64)
+    ///     .count();
+    /// assert_eq!(n, 100);
+    /// assert_eq!(*last.lock().unwrap(), Some((100, 100)));
+    /// ```
+    pub fn on_progress(
+        mut self,
+        report: impl Fn(&crate::Progress) + Send + Sync + 'static,
+    ) -> Self {
+        self.plan.progress = Some(crate::progress::ProgressFn(std::sync::Arc::new(report)));
         self
     }
 

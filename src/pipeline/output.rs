@@ -13,6 +13,7 @@ use procpool_worker::worker::task::{capturing, catch};
 
 use super::stage::Chunk;
 use crate::error::{PipelineError, StageKind, TaskError};
+use crate::progress::{ProgressFn, Tracker};
 
 /// Appends input item `index`, encoded, to `chunk`; a failure to encode it
 /// (or a panic in its `Serialize` or `Drop`) is the first stage's, at that
@@ -52,11 +53,13 @@ pub(super) struct Received<Z> {
     failure: Option<(usize, PipelineError)>,
     /// An error has been yielded: nothing more comes.
     ended: bool,
+    /// Input items read, and outputs taken, for the progress callback.
+    tracker: Tracker,
     _types: PhantomData<fn() -> Z>,
 }
 
 impl<Z: DeserializeOwned> Received<Z> {
-    pub(super) fn new(last: (usize, StageKind)) -> Self {
+    pub(super) fn new(last: (usize, StageKind), progress: Option<ProgressFn>) -> Self {
         Received {
             last,
             chunks: VecDeque::new(),
@@ -64,8 +67,19 @@ impl<Z: DeserializeOwned> Received<Z> {
             offset: 0,
             failure: None,
             ended: false,
+            tracker: Tracker::new(progress),
             _types: PhantomData,
         }
+    }
+
+    /// `n` more input items were read.
+    pub(super) fn read(&mut self, n: u64) {
+        self.tracker.submitted(n);
+    }
+
+    /// The output is over: the last progress report goes out.
+    pub(super) fn finish(&mut self) {
+        self.tracker.finish();
     }
 
     pub(super) fn push(&mut self, chunk: Chunk) {
@@ -91,6 +105,13 @@ impl<Z: DeserializeOwned> Received<Z> {
     /// The next item, or the failure once the items are all taken; `None`
     /// when nothing has arrived yet (or after the failure).
     pub(super) fn next_item(&mut self) -> Option<Result<Z, PipelineError>> {
+        let item = self.take_item()?;
+        self.tracker.finished(item.is_ok());
+        self.tracker.tick();
+        Some(item)
+    }
+
+    fn take_item(&mut self) -> Option<Result<Z, PipelineError>> {
         if self.ended {
             return None;
         }

@@ -82,7 +82,7 @@ where
 {
     pub(super) fn new(plan: Plan, input: I) -> Self {
         let last = plan.stages.len().saturating_sub(1);
-        let mut received = Received::new(plan.last_stage());
+        let mut received = Received::new(plan.last_stage(), plan.progress.clone());
         let first_kind = plan.first_kind();
         let checked = plan.check();
         let root_seed = checked.as_ref().map_or(0, |c| c.root_seed);
@@ -131,6 +131,7 @@ where
                 break;
             }
             self.read += 1;
+            self.received.read(1);
         }
         let mut failed = false;
         for (position, stage) in self.stages.iter_mut().enumerate() {
@@ -166,6 +167,7 @@ where
                 return Some(item);
             }
             if self.done || self.received.ended() {
+                self.received.finish();
                 return None;
             }
             self.step();

@@ -371,7 +371,7 @@ where
             to_first: None,
             unsent: VecDeque::new(),
             events: None,
-            received: Received::new(plan.last_stage()),
+            received: Received::new(plan.last_stage(), plan.progress.clone()),
             finished: true,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
@@ -509,6 +509,7 @@ where
             };
             let index = self.read;
             self.read += 1;
+            self.received.read(1);
             if let Err(error) = push_input(arg, index, self.first_kind, &mut chunk) {
                 // The items before it go first; the first stage passes the
                 // failure on after them.
@@ -564,6 +565,7 @@ where
             }
             if self.finished || self.received.ended() {
                 self.stop();
+                self.received.finish();
                 return None;
             }
             self.top_up();
