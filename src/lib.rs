@@ -77,6 +77,8 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod batching;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod config;
 mod engine;
 mod error;

@@ -85,6 +85,28 @@ impl Batch {
         }
     }
 
+    /// A batch of already framed arguments (as another process sent them):
+    /// `None` if `items` is not a sequence of whole items, or holds more
+    /// than one batch may.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn from_framed(first_index: u64, items: Vec<u8>) -> Option<Batch> {
+        let mut offsets = Vec::new();
+        let mut rest = &items[..];
+        while !rest.is_empty() {
+            offsets.push(u32::try_from(items.len() - rest.len()).ok()?);
+            procpool_worker::wire::split_item(&mut rest)?;
+        }
+        if offsets.len() > procpool_worker::wire::MAX_BATCH_TASKS {
+            return None;
+        }
+        Some(Batch {
+            first_index,
+            offsets,
+            items,
+            in_arena: false,
+        })
+    }
+
     pub(crate) fn count(&self) -> u32 {
         self.offsets.len() as u32
     }

@@ -1,0 +1,292 @@
+//! The client side: a job's batches published to the work queue, and its
+//! results gathered from the agents, one per batch.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::wire::{self, Outcome, ResultMsg, TaskMsg};
+use super::{ClusterError, Registry, ensure_streams, runtime};
+use crate::engine::{Batch, decode_outcome};
+use crate::error::TaskError;
+
+/// Tasks per batch unless [`Cluster::chunk_size`] says otherwise.
+const DEFAULT_CHUNK: usize = 1_000;
+
+/// A connection to a NATS server whose node agents run this program's
+/// exposed functions.
+///
+/// ```no_run
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+/// let registry = procpool::cluster::Registry::new().map("square", square);
+/// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
+/// let squares = cluster.map(&registry, "square", 0..10u64)?;
+/// assert_eq!(squares[3], Ok(9));
+/// # Ok::<(), procpool::cluster::ClusterError>(())
+/// ```
+pub struct Cluster {
+    rt: tokio::runtime::Runtime,
+    js: jetstream::Context,
+    chunk_size: usize,
+    timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("chunk_size", &self.chunk_size)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects to the NATS server at `url` (JetStream enabled).
+    ///
+    /// ```
+    /// assert!(procpool::cluster::Cluster::connect("127.0.0.1:1").is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails if the server cannot be reached.
+    pub fn connect(url: &str) -> Result<Cluster, ClusterError> {
+        let rt = runtime()?;
+        let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        let connecting = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), options.connect(url)).await
+        });
+        let client = match connecting {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(ClusterError::new(format!("cannot connect to NATS at {url}: {e}"))),
+            Err(_) => return Err(ClusterError::new(format!("cannot connect to NATS at {url}: no answer in 5 s"))),
+        };
+        let js = {
+            let _inside = rt.enter();
+            jetstream::new(client)
+        };
+        Ok(Cluster {
+            rt,
+            js,
+            chunk_size: DEFAULT_CHUNK,
+            timeout: None,
+        })
+    }
+
+    /// Tasks per batch (default 1,000).
+    ///
+    /// ```no_run
+    /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?.chunk_size(100);
+    /// # Ok::<(), procpool::cluster::ClusterError>(())
+    /// ```
+    pub fn chunk_size(mut self, tasks: usize) -> Cluster {
+        self.chunk_size = tasks.max(1);
+        self
+    }
+
+    /// The longest a map may wait for its results (default: no limit).
+    ///
+    /// ```no_run
+    /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?
+    ///     .timeout(std::time::Duration::from_secs(600));
+    /// # Ok::<(), procpool::cluster::ClusterError>(())
+    /// ```
+    pub fn timeout(mut self, limit: Duration) -> Cluster {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Applies the function exposed as `name` to every argument on the
+    /// cluster's agents; one result per argument, in input order, each
+    /// exactly once however often its batch ran.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `name` is not exposed for `A` and `R`, the server refuses
+    /// the job, or the results do not all arrive within the timeout.
+    pub fn map<A, R>(
+        &mut self,
+        registry: &Registry,
+        name: &str,
+        args: impl IntoIterator<Item = A>,
+    ) -> Result<Vec<Result<R, TaskError>>, ClusterError>
+    where
+        A: Serialize + 'static,
+        R: DeserializeOwned + 'static,
+    {
+        registry.typed::<A, R>(name)?;
+        // Dropping a subscription spawns its unsubscribe on the runtime.
+        let handle = self.rt.handle().clone();
+        let _inside = handle.enter();
+        let started = Instant::now();
+        let job = new_id();
+        let root_seed = crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
+        let fingerprint = procpool_worker::fnref::fingerprint();
+        let (_, results_stream) = self.rt.block_on(ensure_streams(&self.js))?;
+        // Read results from the start of the job, created before any task
+        // goes out.
+        let consumer = self
+            .rt
+            .block_on(results_stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: wire::result_subject(job),
+                ..Default::default()
+            }))
+            .map_err(|e| ClusterError::new(format!("cannot read the job's results: {e}")))?;
+        let mut messages = self
+            .rt
+            .block_on(consumer.messages())
+            .map_err(|e| ClusterError::new(format!("cannot read the job's results: {e}")))?;
+
+        let mut outcomes: Vec<Option<Result<R, TaskError>>> = Vec::new();
+        let mut batches = 0u64;
+        let mut batch = Batch::new(0);
+        let mut large = true;
+        let mut publish_batch = |batch: Batch, outcomes: &mut Vec<Option<Result<R, TaskError>>>| {
+            let count = batch.count() as usize;
+            let task = TaskMsg {
+                job,
+                batch: batches,
+                function: name.to_string(),
+                first_index: batch.first_index(),
+                count: batch.count(),
+                root_seed,
+                items: batch.items().to_vec(),
+            };
+            batches += 1;
+            outcomes.extend((0..count).map(|_| None));
+            self.publish_task(fingerprint, job, &task)
+        };
+        for (index, arg) in args.into_iter().enumerate() {
+            let index = index as u64;
+            if let Err(failure) = batch.push_argument(arg, &mut large) {
+                // It fails alone: the tasks before it go as they are.
+                let next = std::mem::replace(&mut batch, Batch::new(index + 1));
+                if next.count() > 0 {
+                    publish_batch(next, &mut outcomes)?;
+                }
+                outcomes.push(Some(Err(TaskError::from_failure(index, failure))));
+                continue;
+            }
+            if batch.count() as usize >= self.chunk_size {
+                let next = std::mem::replace(&mut batch, Batch::new(index + 1));
+                publish_batch(next, &mut outcomes)?;
+            }
+        }
+        if batch.count() > 0 {
+            publish_batch(batch, &mut outcomes)?;
+        }
+
+        let mut seen = vec![false; batches as usize];
+        let mut missing = batches;
+        while missing > 0 {
+            let left = match self.timeout {
+                Some(limit) => match limit.checked_sub(started.elapsed()) {
+                    Some(left) => left,
+                    None => return Err(ClusterError::timeout(limit)),
+                },
+                None => Duration::from_secs(3600),
+            };
+            let next = self.rt.block_on(async { tokio::time::timeout(left, messages.next()).await });
+            let message = match next {
+                Err(_) => continue,
+                Ok(None) => return Err(ClusterError::new("the job's results ended early")),
+                Ok(Some(Err(e))) => {
+                    log::warn!(target: "procpool", "reading results: {e}");
+                    continue;
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            let Ok(result) = postcard::from_bytes::<ResultMsg>(&message.payload) else {
+                log::warn!(target: "procpool", "a malformed result on {}", message.subject);
+                continue;
+            };
+            let Some(slot) = seen.get_mut(result.batch as usize) else {
+                continue;
+            };
+            if std::mem::replace(slot, true) {
+                continue; // a batch that ran twice: its first result stands
+            }
+            missing -= 1;
+            place(&mut outcomes, result);
+        }
+        let subject = wire::result_subject(job);
+        let _ = self.rt.block_on(results_stream.purge().filter(subject).into_future());
+        Ok(outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| o.unwrap_or_else(|| Err(TaskError::pool(i as u64, "no result came back"))))
+            .collect())
+    }
+
+    /// Publishes a batch, retrying until the server has stored it.
+    fn publish_task(&self, fingerprint: u64, job: u64, task: &TaskMsg) -> Result<(), ClusterError> {
+        let payload = postcard::to_allocvec(task)
+            .map_err(|e| ClusterError::new(format!("cannot encode a batch: {e}")))?;
+        let payload = bytes::Bytes::from(payload);
+        let id = wire::message_id(job, task.batch);
+        let mut last = String::new();
+        for attempt in 0..20u64 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let acked = self.rt.block_on(async {
+                self.js
+                    .publish_with_headers(wire::task_subject(fingerprint), headers, payload.clone())
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(async_nats::Error::from)
+            });
+            match acked {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last = e.to_string();
+                    std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+                }
+            }
+        }
+        Err(ClusterError::new(format!("cannot publish batch {}: {last}", task.batch)))
+    }
+}
+
+/// Decodes a batch's outcomes into their places.
+fn place<R: DeserializeOwned>(outcomes: &mut [Option<Result<R, TaskError>>], result: ResultMsg) {
+    let first = result.first_index;
+    match result.outcomes {
+        Ok(list) => {
+            for (i, outcome) in list.into_iter().enumerate() {
+                let index = first + i as u64;
+                let Some(slot) = outcomes.get_mut(index as usize) else {
+                    continue;
+                };
+                *slot = Some(match outcome {
+                    Outcome::Encoded(item) => {
+                        procpool_worker::worker::task::capturing(|| decode_outcome::<R>(index, &item))
+                    }
+                    Outcome::Lost(why) => Err(TaskError::pool(index, why)),
+                });
+            }
+        }
+        Err(why) => {
+            for i in first..first + u64::from(result.count) {
+                if let Some(slot) = outcomes.get_mut(i as usize) {
+                    *slot = Some(Err(TaskError::pool(i, why.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// A job id no other client will pick.
+fn new_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    h.finish()
+}

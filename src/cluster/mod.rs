@@ -1,0 +1,209 @@
+//! Cluster mode, behind the `cluster` feature: the same work on many
+//! machines through a NATS JetStream server. Each machine runs the user's
+//! own program as a node agent ([`run_agent`]), which takes batches from a
+//! durable work queue and runs them on its local pool, so crash isolation,
+//! seeds and logs are the local engine's. A client ([`Cluster`]) publishes
+//! a job's batches and gathers their results, each exactly once however
+//! often a batch was delivered.
+//!
+//! Functions are never named by address: both sides build the same
+//! [`Registry`] of exposed functions, a batch names its function, and it
+//! is only ever delivered to agents of the client's own build (its subject
+//! carries the build fingerprint).
+
+mod agent;
+mod client;
+mod wire;
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use procpool_worker::worker::jobs::{self, BatchRunner};
+
+use crate::engine::JobSpec;
+
+pub use agent::{AgentOptions, run_agent};
+pub use client::Cluster;
+
+/// The functions a program exposes to cluster jobs, by name. Build the same
+/// registry in the client and in the agents (the same program).
+///
+/// ```
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+/// let registry = procpool::cluster::Registry::new().map("square", square);
+/// assert!(registry.contains("square"));
+/// ```
+#[derive(Default, Clone)]
+pub struct Registry {
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    job: JobSpec,
+    types: (TypeId, TypeId),
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        f.debug_struct("Registry").field("functions", &names).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    ///
+    /// ```
+    /// let registry = procpool::cluster::Registry::new();
+    /// assert!(!registry.contains("anything"));
+    /// ```
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Exposes `f` as `name`, for maps of `A`s to `R`s.
+    ///
+    /// ```
+    /// fn double(x: u32) -> u32 {
+    ///     x * 2
+    /// }
+    /// let registry = procpool::cluster::Registry::new().map("double", double);
+    /// assert!(registry.contains("double"));
+    /// ```
+    pub fn map<A, R>(mut self, name: &str, f: fn(A) -> R) -> Registry
+    where
+        A: Serialize + DeserializeOwned + 'static,
+        R: Serialize + DeserializeOwned + 'static,
+    {
+        let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, f as usize);
+        let types = (TypeId::of::<A>(), TypeId::of::<R>());
+        self.entries.insert(name.to_string(), Entry { job, types });
+        self
+    }
+
+    /// Whether a function is exposed as `name`.
+    ///
+    /// ```
+    /// let registry = procpool::cluster::Registry::new();
+    /// assert!(!registry.contains("square"));
+    /// ```
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The job of `name`, if it maps `A`s to `R`s.
+    fn typed<A: 'static, R: 'static>(&self, name: &str) -> Result<JobSpec, ClusterError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ClusterError::new(format!("no function is exposed as {name:?}")))?;
+        if entry.types != (TypeId::of::<A>(), TypeId::of::<R>()) {
+            return Err(ClusterError::new(format!(
+                "{name:?} is exposed with other argument or result types"
+            )));
+        }
+        Ok(entry.job)
+    }
+
+    fn job(&self, name: &str) -> Option<JobSpec> {
+        self.entries.get(name).map(|e| e.job)
+    }
+}
+
+/// Why a cluster client or agent could not do its work: the server could
+/// not be reached, a stream could not be made, a job ran past its time.
+///
+/// ```
+/// let err = procpool::cluster::Cluster::connect("127.0.0.1:1").unwrap_err();
+/// assert!(err.to_string().starts_with("cannot connect to NATS at 127.0.0.1:1"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterError {
+    message: String,
+    timed_out: bool,
+}
+
+impl ClusterError {
+    pub(crate) fn new(message: impl Into<String>) -> ClusterError {
+        ClusterError {
+            message: message.into(),
+            timed_out: false,
+        }
+    }
+
+    fn timeout(limit: Duration) -> ClusterError {
+        ClusterError {
+            message: format!("the job did not finish within {limit:?}"),
+            timed_out: true,
+        }
+    }
+
+    /// Whether the job ran past the time it was given.
+    ///
+    /// ```
+    /// let err = procpool::cluster::Cluster::connect("127.0.0.1:1").unwrap_err();
+    /// assert!(!err.is_timeout());
+    /// ```
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
+    }
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+/// A tokio runtime for this thread's blocking calls into async-nats, with
+/// one thread of its own so the connection keeps being served (pings,
+/// reconnection) while this thread runs tasks.
+fn runtime() -> Result<tokio::runtime::Runtime, ClusterError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| ClusterError::new(format!("cannot start an async runtime: {e}")))
+}
+
+/// Makes the two streams if they are not there yet.
+async fn ensure_streams(
+    js: &async_nats::jetstream::Context,
+) -> Result<(async_nats::jetstream::stream::Stream, async_nats::jetstream::stream::Stream), ClusterError> {
+    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+    let tasks = js
+        .get_or_create_stream(Config {
+            name: wire::TASKS_STREAM.to_string(),
+            subjects: vec!["procpool.tasks.>".to_string()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::new(format!("cannot make the stream {}: {e}", wire::TASKS_STREAM)))?;
+    let results = js
+        .get_or_create_stream(Config {
+            name: wire::RESULTS_STREAM.to_string(),
+            subjects: vec!["procpool.results.>".to_string()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            max_age: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::new(format!("cannot make the stream {}: {e}", wire::RESULTS_STREAM)))?;
+    Ok((tasks, results))
+}

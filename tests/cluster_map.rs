@@ -1,0 +1,217 @@
+//! Cluster mode with a real nats-server on a free loopback port and node
+//! agents in separate processes (this test binary, run again as an agent),
+//! each stopped by pid. Every wait is bounded.
+
+#![cfg(feature = "cluster")]
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use procpool::cluster::{AgentOptions, Cluster, Registry};
+
+const AGENT_URL: &str = "PROCPOOL_TEST_AGENT_URL";
+
+fn square(x: u64) -> u64 {
+    assert!(x != 13, "thirteen");
+    x * x
+}
+
+fn slow_square(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(2));
+    x * x
+}
+
+fn registry() -> Registry {
+    Registry::new()
+        .map("square", square)
+        .map("slow_square", slow_square)
+}
+
+/// In a process started by [`Agent::start`]: runs the agent and never
+/// returns.
+fn agent_role() {
+    let Ok(url) = std::env::var(AGENT_URL) else {
+        return;
+    };
+    let options = AgentOptions {
+        n_jobs: Some(2),
+        ack_wait: Duration::from_secs(2),
+        max_deliver: 5,
+    };
+    let outcome = procpool::cluster::run_agent(&url, &registry(), &options);
+    eprintln!("agent ended: {outcome:?}");
+    std::process::exit(3);
+}
+
+/// A nats-server with JetStream on a free loopback port, its store in a
+/// temporary directory; killed by pid when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let store = tempfile::tempdir().unwrap();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (apt-get install nats-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server {
+            child,
+            port,
+            _store: store,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// This test binary run again as a node agent, running `test`; killed by
+/// pid when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(server: &Server, test: &str) -> Agent {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env(AGENT_URL, server.url())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn a_map_runs_on_the_agents_and_comes_back_in_order() {
+    agent_role();
+    let server = Server::start();
+    let _agents = [
+        Agent::start(&server, "a_map_runs_on_the_agents_and_comes_back_in_order"),
+        Agent::start(&server, "a_map_runs_on_the_agents_and_comes_back_in_order"),
+    ];
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(500)
+        .timeout(Duration::from_secs(60));
+    let results = cluster.map::<u64, u64>(&registry(), "square", 0..20_000u64).unwrap();
+    assert_eq!(results.len(), 20_000);
+    for (x, result) in results.iter().enumerate() {
+        match result {
+            Ok(value) => assert_eq!(*value, (x * x) as u64),
+            Err(e) => {
+                assert_eq!(x, 13);
+                assert!(e.is_panic(), "{e}");
+                assert_eq!(e.panic_message(), Some("thirteen"));
+            }
+        }
+    }
+    // A function the agents do not expose, and the wrong types, are refused
+    // before anything is sent.
+    let err = cluster.map::<u64, u64>(&registry(), "cube", 0..3u64).unwrap_err();
+    assert!(err.to_string().contains("no function is exposed as \"cube\""), "{err}");
+    let err = cluster.map::<u32, u64>(&registry(), "square", 0..3u32).unwrap_err();
+    assert!(err.to_string().contains("other argument or result types"), "{err}");
+}
+
+#[test]
+fn an_agent_killed_mid_job_loses_nothing_and_repeats_nothing() {
+    agent_role();
+    let server = Server::start();
+    let test = "an_agent_killed_mid_job_loses_nothing_and_repeats_nothing";
+    let mut doomed = Agent::start(&server, test);
+    let _survivor = Agent::start(&server, test);
+    let url = server.url();
+    let job = std::thread::spawn(move || {
+        let mut cluster = Cluster::connect(&url)
+            .unwrap()
+            .chunk_size(20)
+            .timeout(Duration::from_secs(90));
+        let started = Instant::now();
+        let results = cluster.map::<u64, u64>(&registry(), "slow_square", 0..6_000u64);
+        (results, started.elapsed())
+    });
+    // 6,000 tasks of 2 ms on 4 workers take 3 s: the agent dies holding
+    // batches, which the server gives the other agent after ack_wait (2 s).
+    std::thread::sleep(Duration::from_millis(1_000));
+    doomed.kill();
+    let (results, took) = job.join().unwrap();
+    let results = results.unwrap();
+    let expected: Vec<Result<u64, procpool::TaskError>> = (0..6_000u64).map(|x| Ok(x * x)).collect();
+    assert!(results == expected, "every result exactly once, in order");
+    assert!(took > Duration::from_secs(3), "the job finished before the kill mattered: {took:?}");
+}
+
+#[test]
+fn a_malformed_task_message_is_dropped_and_the_agent_lives_on() {
+    agent_role();
+    let server = Server::start();
+    let _agent = Agent::start(&server, "a_malformed_task_message_is_dropped_and_the_agent_lives_on");
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .timeout(Duration::from_secs(60));
+    // Make the streams, then publish garbage on the agents' subject.
+    assert_eq!(cluster.map::<u64, u64>(&registry(), "square", [3u64]).unwrap(), [Ok(9)]);
+    let fingerprint = procpool_worker::fnref::fingerprint();
+    let subject = format!("procpool.tasks.{fingerprint:016x}");
+    publish(server.port, &subject, &[0xff, 0x00, 0x13]);
+    let results = cluster.map::<u64, u64>(&registry(), "square", 0..100u64).unwrap();
+    assert_eq!(results.len(), 100);
+    assert!(results.iter().enumerate().all(|(x, r)| x == 13 || *r == Ok((x * x) as u64)));
+}
+
+/// Publishes `bytes` to `subject` on the server at `port` with the plain
+/// NATS protocol, as anyone who can reach the server could.
+fn publish(port: u16, subject: &str, bytes: &[u8]) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut out = stream;
+    write!(out, "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n", bytes.len()).unwrap();
+    out.write_all(bytes).unwrap();
+    out.write_all(b"\r\nPING\r\n").unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
