@@ -54,7 +54,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let store = tempfile::tempdir().unwrap();
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
@@ -65,7 +69,10 @@ impl Server {
             .expect("nats-server is installed (apt-get install nats-server)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Server {
@@ -126,7 +133,9 @@ fn a_map_runs_on_the_agents_and_comes_back_in_order() {
         .unwrap()
         .chunk_size(500)
         .timeout(Duration::from_secs(60));
-    let results = cluster.map::<u64, u64>(&registry(), "square", 0..20_000u64).unwrap();
+    let results = cluster
+        .map::<u64, u64>(&registry(), "square", 0..20_000u64)
+        .unwrap();
     assert_eq!(results.len(), 20_000);
     for (x, result) in results.iter().enumerate() {
         match result {
@@ -140,10 +149,21 @@ fn a_map_runs_on_the_agents_and_comes_back_in_order() {
     }
     // A function the agents do not expose, and the wrong types, are refused
     // before anything is sent.
-    let err = cluster.map::<u64, u64>(&registry(), "cube", 0..3u64).unwrap_err();
-    assert!(err.to_string().contains("no function is exposed as \"cube\""), "{err}");
-    let err = cluster.map::<u32, u64>(&registry(), "square", 0..3u32).unwrap_err();
-    assert!(err.to_string().contains("other argument or result types"), "{err}");
+    let err = cluster
+        .map::<u64, u64>(&registry(), "cube", 0..3u64)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no function is exposed as \"cube\""),
+        "{err}"
+    );
+    let err = cluster
+        .map::<u32, u64>(&registry(), "square", 0..3u32)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("other argument or result types"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -169,27 +189,46 @@ fn an_agent_killed_mid_job_loses_nothing_and_repeats_nothing() {
     doomed.kill();
     let (results, took) = job.join().unwrap();
     let results = results.unwrap();
-    let expected: Vec<Result<u64, procpool::TaskError>> = (0..6_000u64).map(|x| Ok(x * x)).collect();
+    let expected: Vec<Result<u64, procpool::TaskError>> =
+        (0..6_000u64).map(|x| Ok(x * x)).collect();
     assert!(results == expected, "every result exactly once, in order");
-    assert!(took > Duration::from_secs(3), "the job finished before the kill mattered: {took:?}");
+    assert!(
+        took > Duration::from_secs(3),
+        "the job finished before the kill mattered: {took:?}"
+    );
 }
 
 #[test]
 fn a_malformed_task_message_is_dropped_and_the_agent_lives_on() {
     agent_role();
     let server = Server::start();
-    let _agent = Agent::start(&server, "a_malformed_task_message_is_dropped_and_the_agent_lives_on");
+    let _agent = Agent::start(
+        &server,
+        "a_malformed_task_message_is_dropped_and_the_agent_lives_on",
+    );
     let mut cluster = Cluster::connect(&server.url())
         .unwrap()
         .timeout(Duration::from_secs(60));
     // Make the streams, then publish garbage on the agents' subject.
-    assert_eq!(cluster.map::<u64, u64>(&registry(), "square", [3u64]).unwrap(), [Ok(9)]);
+    assert_eq!(
+        cluster
+            .map::<u64, u64>(&registry(), "square", [3u64])
+            .unwrap(),
+        [Ok(9)]
+    );
     let fingerprint = procpool_worker::fnref::fingerprint();
     let subject = format!("procpool.tasks.{fingerprint:016x}");
     publish(server.port, &subject, &[0xff, 0x00, 0x13]);
-    let results = cluster.map::<u64, u64>(&registry(), "square", 0..100u64).unwrap();
+    let results = cluster
+        .map::<u64, u64>(&registry(), "square", 0..100u64)
+        .unwrap();
     assert_eq!(results.len(), 100);
-    assert!(results.iter().enumerate().all(|(x, r)| x == 13 || *r == Ok((x * x) as u64)));
+    assert!(
+        results
+            .iter()
+            .enumerate()
+            .all(|(x, r)| x == 13 || *r == Ok((x * x) as u64))
+    );
 }
 
 /// Publishes `bytes` to `subject` on the server at `port` with the plain
@@ -197,13 +236,20 @@ fn a_malformed_task_message_is_dropped_and_the_agent_lives_on() {
 fn publish(port: u16, subject: &str, bytes: &[u8]) {
     use std::io::{BufRead, BufReader, Write};
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     assert!(line.starts_with("INFO"), "{line}");
     let mut out = stream;
-    write!(out, "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n", bytes.len()).unwrap();
+    write!(
+        out,
+        "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n",
+        bytes.len()
+    )
+    .unwrap();
     out.write_all(bytes).unwrap();
     out.write_all(b"\r\nPING\r\n").unwrap();
     loop {

@@ -63,7 +63,11 @@ impl Default for AgentOptions {
 ///
 /// Fails if the server cannot be reached or refuses the streams, or the
 /// local pool cannot start.
-pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Result<(), ClusterError> {
+pub fn run_agent(
+    url: &str,
+    registry: &Registry,
+    options: &AgentOptions,
+) -> Result<(), ClusterError> {
     let rt = runtime()?;
     // Dropping a subscription spawns its unsubscribe on the runtime.
     let handle = rt.handle().clone();
@@ -94,7 +98,9 @@ pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Resu
     let n_jobs = match options.n_jobs {
         Some(0) => return Err(ClusterError::new("n_jobs must be at least 1")),
         Some(n) => n,
-        None => crate::config::proc_count(1, None, 0).map_err(|e| ClusterError::new(e.to_string()))?,
+        None => {
+            crate::config::proc_count(1, None, 0).map_err(|e| ClusterError::new(e.to_string()))?
+        }
     };
     let mut pools: HashMap<String, (Workers, BatchSizer)> = HashMap::new();
     loop {
@@ -120,7 +126,8 @@ pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Resu
                 continue;
             }
         };
-        let mut runs: HashMap<(String, u64, u64), Vec<(jetstream::Message, TaskMsg)>> = HashMap::new();
+        let mut runs: HashMap<(String, u64, u64), Vec<(jetstream::Message, TaskMsg)>> =
+            HashMap::new();
         for message in messages {
             match postcard::from_bytes::<TaskMsg>(&message.payload) {
                 Ok(task) => runs
@@ -142,7 +149,9 @@ pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Resu
                         batch: task.batch,
                         first_index: task.first_index,
                         count: task.count,
-                        outcomes: Err(format!("no function is exposed as {function:?} by this agent")),
+                        outcomes: Err(format!(
+                            "no function is exposed as {function:?} by this agent"
+                        )),
                     })
                     .collect(),
                 Some(spec) => {
@@ -155,8 +164,10 @@ pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Resu
                                 max_tries: 2,
                                 replace_dead: true,
                             };
-                            let spec = PoolSpec::new(StartMethod::default(), n_jobs, None, spec, policy);
-                            let workers = Workers::start(spec).map_err(|e| ClusterError::new(e.to_string()))?;
+                            let spec =
+                                PoolSpec::new(StartMethod::default(), n_jobs, None, spec, policy);
+                            let workers = Workers::start(spec)
+                                .map_err(|e| ClusterError::new(e.to_string()))?;
                             e.insert((workers, BatchSizer::new(None)))
                         }
                     };
@@ -185,7 +196,13 @@ pub fn run_agent(url: &str, registry: &Registry, options: &AgentOptions) -> Resu
 
 /// Publishes until the server acknowledges (a bounded number of tries);
 /// whether it did.
-fn publish(rt: &tokio::runtime::Runtime, js: &jetstream::Context, subject: String, id: &str, payload: Vec<u8>) -> bool {
+fn publish(
+    rt: &tokio::runtime::Runtime,
+    js: &jetstream::Context,
+    subject: String,
+    id: &str,
+    payload: Vec<u8>,
+) -> bool {
     let payload = bytes::Bytes::from(payload);
     for attempt in 0..20u32 {
         let mut headers = async_nats::HeaderMap::new();
@@ -219,7 +236,9 @@ fn run_batches(
     let mut results: Vec<Option<ResultMsg>> = Vec::with_capacity(run.len());
     let mut engine = Engine::new(workers, sizer, root_seed);
     for (_, task) in run {
-        match Batch::from_framed(task.first_index, task.items.clone()).filter(|b| b.count() == task.count) {
+        match Batch::from_framed(task.first_index, task.items.clone())
+            .filter(|b| b.count() == task.count)
+        {
             Some(batch) => {
                 collect.expect(task.first_index, batch.count());
                 engine.submit(batch);
@@ -264,7 +283,8 @@ struct Collect {
 
 impl Collect {
     fn expect(&mut self, first: u64, count: u32) {
-        self.batches.insert(first, (0..count).map(|_| None).collect());
+        self.batches
+            .insert(first, (0..count).map(|_| None).collect());
     }
 
     fn slot(&mut self, index: u64) -> Option<&mut Option<Outcome>> {
@@ -277,7 +297,9 @@ impl Collect {
             .remove(&first)
             .unwrap_or_default()
             .into_iter()
-            .map(|o| o.unwrap_or_else(|| Outcome::Lost("the agent's pool has no workers left".into())))
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::Lost("the agent's pool has no workers left".into()))
+            })
             .collect()
     }
 }

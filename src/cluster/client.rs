@@ -58,14 +58,21 @@ impl Cluster {
     /// Fails if the server cannot be reached.
     pub fn connect(url: &str) -> Result<Cluster, ClusterError> {
         let rt = runtime()?;
-        let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
         let connecting = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), options.connect(url)).await
+            tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url)).await
         });
         let client = match connecting {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(ClusterError::new(format!("cannot connect to NATS at {url}: {e}"))),
-            Err(_) => return Err(ClusterError::new(format!("cannot connect to NATS at {url}: no answer in 5 s"))),
+            Ok(Err(e)) => {
+                return Err(ClusterError::new(format!(
+                    "cannot connect to NATS at {url}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ClusterError::new(format!(
+                    "cannot connect to NATS at {url}: no answer in 5 s"
+                )));
+            }
         };
         let js = {
             let _inside = rt.enter();
@@ -83,6 +90,7 @@ impl Cluster {
     ///
     /// ```no_run
     /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?.chunk_size(100);
+    /// # let _ = cluster;
     /// # Ok::<(), procpool::cluster::ClusterError>(())
     /// ```
     pub fn chunk_size(mut self, tasks: usize) -> Cluster {
@@ -95,6 +103,7 @@ impl Cluster {
     /// ```no_run
     /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?
     ///     .timeout(std::time::Duration::from_secs(600));
+    /// # let _ = cluster;
     /// # Ok::<(), procpool::cluster::ClusterError>(())
     /// ```
     pub fn timeout(mut self, limit: Duration) -> Cluster {
@@ -126,17 +135,20 @@ impl Cluster {
         let _inside = handle.enter();
         let started = Instant::now();
         let job = new_id();
-        let root_seed = crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
+        let root_seed =
+            crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
         let fingerprint = procpool_worker::fnref::fingerprint();
         let (_, results_stream) = self.rt.block_on(ensure_streams(&self.js))?;
         // Read results from the start of the job, created before any task
         // goes out.
         let consumer = self
             .rt
-            .block_on(results_stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: wire::result_subject(job),
-                ..Default::default()
-            }))
+            .block_on(
+                results_stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: wire::result_subject(job),
+                    ..Default::default()
+                }),
+            )
             .map_err(|e| ClusterError::new(format!("cannot read the job's results: {e}")))?;
         let mut messages = self
             .rt
@@ -192,7 +204,9 @@ impl Cluster {
                 },
                 None => Duration::from_secs(3600),
             };
-            let next = self.rt.block_on(async { tokio::time::timeout(left, messages.next()).await });
+            let next = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, messages.next()).await });
             let message = match next {
                 Err(_) => continue,
                 Ok(None) => return Err(ClusterError::new("the job's results ended early")),
@@ -216,11 +230,15 @@ impl Cluster {
             place(&mut outcomes, result);
         }
         let subject = wire::result_subject(job);
-        let _ = self.rt.block_on(results_stream.purge().filter(subject).into_future());
+        let _ = self
+            .rt
+            .block_on(results_stream.purge().filter(subject).into_future());
         Ok(outcomes
             .into_iter()
             .enumerate()
-            .map(|(i, o)| o.unwrap_or_else(|| Err(TaskError::pool(i as u64, "no result came back"))))
+            .map(|(i, o)| {
+                o.unwrap_or_else(|| Err(TaskError::pool(i as u64, "no result came back")))
+            })
             .collect())
     }
 
@@ -250,7 +268,10 @@ impl Cluster {
                 }
             }
         }
-        Err(ClusterError::new(format!("cannot publish batch {}: {last}", task.batch)))
+        Err(ClusterError::new(format!(
+            "cannot publish batch {}: {last}",
+            task.batch
+        )))
     }
 }
 
@@ -265,9 +286,9 @@ fn place<R: DeserializeOwned>(outcomes: &mut [Option<Result<R, TaskError>>], res
                     continue;
                 };
                 *slot = Some(match outcome {
-                    Outcome::Encoded(item) => {
-                        procpool_worker::worker::task::capturing(|| decode_outcome::<R>(index, &item))
-                    }
+                    Outcome::Encoded(item) => procpool_worker::worker::task::capturing(|| {
+                        decode_outcome::<R>(index, &item)
+                    }),
                     Outcome::Lost(why) => Err(TaskError::pool(index, why)),
                 });
             }
@@ -286,7 +307,11 @@ fn place<R: DeserializeOwned>(outcomes: &mut [Option<Result<R, TaskError>>], res
 fn new_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }

@@ -55,7 +55,9 @@ impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut names: Vec<&String> = self.entries.keys().collect();
         names.sort();
-        f.debug_struct("Registry").field("functions", &names).finish()
+        f.debug_struct("Registry")
+            .field("functions", &names)
+            .finish()
     }
 }
 
@@ -180,7 +182,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, ClusterError> {
 /// Makes the two streams if they are not there yet.
 async fn ensure_streams(
     js: &async_nats::jetstream::Context,
-) -> Result<(async_nats::jetstream::stream::Stream, async_nats::jetstream::stream::Stream), ClusterError> {
+) -> Result<
+    (
+        async_nats::jetstream::stream::Stream,
+        async_nats::jetstream::stream::Stream,
+    ),
+    ClusterError,
+> {
     use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
     let tasks = js
         .get_or_create_stream(Config {
@@ -192,7 +200,12 @@ async fn ensure_streams(
             ..Default::default()
         })
         .await
-        .map_err(|e| ClusterError::new(format!("cannot make the stream {}: {e}", wire::TASKS_STREAM)))?;
+        .map_err(|e| {
+            ClusterError::new(format!(
+                "cannot make the stream {}: {e}",
+                wire::TASKS_STREAM
+            ))
+        })?;
     let results = js
         .get_or_create_stream(Config {
             name: wire::RESULTS_STREAM.to_string(),
@@ -204,6 +217,11 @@ async fn ensure_streams(
             ..Default::default()
         })
         .await
-        .map_err(|e| ClusterError::new(format!("cannot make the stream {}: {e}", wire::RESULTS_STREAM)))?;
+        .map_err(|e| {
+            ClusterError::new(format!(
+                "cannot make the stream {}: {e}",
+                wire::RESULTS_STREAM
+            ))
+        })?;
     Ok((tasks, results))
 }
