@@ -22,10 +22,18 @@ fn slow_square(x: u64) -> u64 {
     x * x
 }
 
+fn abort_on_7(x: u64) -> u64 {
+    if x == 7 {
+        std::process::abort();
+    }
+    x
+}
+
 fn registry() -> Registry {
     Registry::new()
         .map("square", square)
         .map("slow_square", slow_square)
+        .map("abort_on_7", abort_on_7)
 }
 
 /// In a process started by [`Agent::start`]: runs the agent and never
@@ -49,7 +57,7 @@ fn agent_role() {
 struct Server {
     child: Child,
     port: u16,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
 }
 
 impl Server {
@@ -60,9 +68,14 @@ impl Server {
             .unwrap()
             .port();
         let store = tempfile::tempdir().unwrap();
+        let child = Server::spawn(port, store.path());
+        Server { child, port, store }
+    }
+
+    fn spawn(port: u16, store: &std::path::Path) -> Child {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -75,11 +88,15 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Server {
-            child,
-            port,
-            _store: store,
-        }
+        child
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same port
+    /// and store.
+    fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Server::spawn(self.port, self.store.path());
     }
 
     fn url(&self) -> String {
@@ -196,6 +213,52 @@ fn an_agent_killed_mid_job_loses_nothing_and_repeats_nothing() {
         took > Duration::from_secs(3),
         "the job finished before the kill mattered: {took:?}"
     );
+}
+
+#[test]
+fn the_server_killed_and_restarted_mid_job_loses_nothing_and_repeats_nothing() {
+    agent_role();
+    let mut server = Server::start();
+    let test = "the_server_killed_and_restarted_mid_job_loses_nothing_and_repeats_nothing";
+    let _agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let url = server.url();
+    let job = std::thread::spawn(move || {
+        let mut cluster = Cluster::connect(&url)
+            .unwrap()
+            .chunk_size(20)
+            .timeout(Duration::from_secs(120));
+        cluster.map::<u64, u64>(&registry(), "slow_square", 0..4_000u64)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    server.kill_and_restart();
+    let results = job.join().unwrap().unwrap();
+    let expected: Vec<Result<u64, procpool::TaskError>> =
+        (0..4_000u64).map(|x| Ok(x * x)).collect();
+    assert!(results == expected, "every result exactly once, in order");
+}
+
+#[test]
+fn a_task_that_kills_its_worker_on_every_agent_fails_alone_with_the_crash() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_task_that_kills_its_worker_on_every_agent_fails_alone_with_the_crash";
+    let _agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(4)
+        .timeout(Duration::from_secs(60));
+    let results = cluster
+        .map::<u64, u64>(&registry(), "abort_on_7", 0..20u64)
+        .unwrap();
+    for (x, result) in results.iter().enumerate() {
+        if x == 7 {
+            let err = result.as_ref().unwrap_err();
+            assert_eq!(err.task_index(), 7);
+            assert!(err.to_string().contains("SIGABRT"), "{err}");
+        } else {
+            assert_eq!(*result, Ok(x as u64));
+        }
+    }
 }
 
 #[test]
