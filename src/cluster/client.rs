@@ -139,21 +139,12 @@ impl Cluster {
             crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
         let fingerprint = procpool_worker::fnref::fingerprint();
         let (_, results_stream) = self.rt.block_on(ensure_streams(&self.js))?;
-        // Read results from the start of the job, created before any task
-        // goes out.
-        let consumer = self
-            .rt
-            .block_on(
-                results_stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: wire::result_subject(job),
-                    ..Default::default()
-                }),
-            )
-            .map_err(|e| ClusterError::new(format!("cannot read the job's results: {e}")))?;
-        let mut messages = self
-            .rt
-            .block_on(consumer.messages())
-            .map_err(|e| ClusterError::new(format!("cannot read the job's results: {e}")))?;
+        let mut reader = ResultReader {
+            stream: results_stream,
+            subject: wire::result_subject(job),
+            next_sequence: 1,
+            consumer: None,
+        };
 
         let mut outcomes: Vec<Option<Result<R, TaskError>>> = Vec::new();
         let mut batches = 0u64;
@@ -204,35 +195,28 @@ impl Cluster {
                 },
                 None => Duration::from_secs(3600),
             };
-            let next = self
-                .rt
-                .block_on(async { tokio::time::timeout(left, messages.next()).await });
-            let message = match next {
-                Err(_) => continue,
-                Ok(None) => return Err(ClusterError::new("the job's results ended early")),
-                Ok(Some(Err(e))) => {
-                    log::warn!(target: "procpool", "reading results: {e}");
-                    continue;
-                }
-                Ok(Some(Ok(message))) => message,
-            };
-            let Ok(result) = postcard::from_bytes::<ResultMsg>(&message.payload) else {
-                log::warn!(target: "procpool", "a malformed result on {}", message.subject);
+            if left.is_zero() {
                 continue;
-            };
-            let Some(slot) = seen.get_mut(result.batch as usize) else {
-                continue;
-            };
-            if std::mem::replace(slot, true) {
-                continue; // a batch that ran twice: its first result stands
             }
-            missing -= 1;
-            place(&mut outcomes, result);
+            for payload in self.rt.block_on(reader.next_results()) {
+                let Ok(result) = postcard::from_bytes::<ResultMsg>(&payload) else {
+                    log::warn!(target: "procpool", "a malformed result of job {job:016x}");
+                    continue;
+                };
+                let Some(slot) = seen.get_mut(result.batch as usize) else {
+                    continue;
+                };
+                if std::mem::replace(slot, true) {
+                    continue; // a batch that ran twice: its first result stands
+                }
+                missing -= 1;
+                place(&mut outcomes, result);
+            }
         }
         let subject = wire::result_subject(job);
         let _ = self
             .rt
-            .block_on(results_stream.purge().filter(subject).into_future());
+            .block_on(reader.stream.purge().filter(subject).into_future());
         Ok(outcomes
             .into_iter()
             .enumerate()
@@ -300,6 +284,78 @@ fn place<R: DeserializeOwned>(outcomes: &mut [Option<Result<R, TaskError>>], res
                 }
             }
         }
+    }
+}
+
+/// Reads a job's results from the results stream with a consumer of its
+/// own, made again from the next sequence whenever it fails (the server
+/// restarted, and consumers that are not durable do not survive that).
+struct ResultReader {
+    stream: jetstream::stream::Stream,
+    subject: String,
+    /// The stream sequence of the next result to read.
+    next_sequence: u64,
+    consumer: Option<jetstream::consumer::PullConsumer>,
+}
+
+impl ResultReader {
+    /// The payloads of the results that arrive within about a second.
+    async fn next_results(&mut self) -> Vec<bytes::Bytes> {
+        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let mut got = Vec::new();
+        if self.consumer.is_none() {
+            let config = pull::Config {
+                filter_subject: self.subject.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.next_sequence,
+                },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            };
+            match self.stream.create_consumer(config).await {
+                Ok(consumer) => self.consumer = Some(consumer),
+                Err(e) => {
+                    log::warn!(target: "procpool", "cannot read results yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return got;
+                }
+            }
+        }
+        let Some(consumer) = &self.consumer else {
+            return got;
+        };
+        let fetched = consumer
+            .fetch()
+            .max_messages(512)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut messages = match fetched {
+            Ok(messages) => messages,
+            Err(e) => {
+                log::warn!(target: "procpool", "reading results: {e}");
+                self.consumer = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return got;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => {
+                    if let Ok(info) = message.info() {
+                        self.next_sequence = info.stream_sequence + 1;
+                    }
+                    got.push(message.payload.clone());
+                }
+                Err(e) => {
+                    log::warn!(target: "procpool", "reading results: {e}");
+                    self.consumer = None;
+                    break;
+                }
+            }
+        }
+        got
     }
 }
 
