@@ -26,7 +26,7 @@ const DEFAULT_CHUNK: usize = 1_000;
 /// }
 /// let registry = procpool::cluster::Registry::new().map("square", square);
 /// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
-/// let squares = cluster.map(&registry, "square", 0..10u64)?;
+/// let squares = cluster.map::<u64, u64>(&registry, "square", 0..10u64)?;
 /// assert_eq!(squares[3], Ok(9));
 /// # Ok::<(), procpool::cluster::ClusterError>(())
 /// ```
