@@ -8,9 +8,11 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use procpool::cluster::{AgentOptions, Cluster, Registry};
+use procpool::cluster::{AgentOptions, Cluster, NatsOptions, Registry};
 
 const AGENT_URL: &str = "PROCPOOL_TEST_AGENT_URL";
+/// `user:password` for the agent, when the server asks for them.
+const AGENT_LOGIN: &str = "PROCPOOL_TEST_AGENT_LOGIN";
 
 fn square(x: u64) -> u64 {
     assert!(x != 13, "thirteen");
@@ -47,7 +49,12 @@ fn agent_role() {
         ack_wait: Duration::from_secs(2),
         max_deliver: 5,
     };
-    let outcome = procpool::cluster::run_agent(&url, &registry(), &options);
+    let mut nats = NatsOptions::new(url);
+    if let Ok(login) = std::env::var(AGENT_LOGIN) {
+        let (user, password) = login.split_once(':').unwrap();
+        nats = nats.user_and_password(user, password);
+    }
+    let outcome = procpool::cluster::run_agent_with(&nats, &registry(), &options);
     eprintln!("agent ended: {outcome:?}");
     std::process::exit(3);
 }
@@ -68,14 +75,19 @@ impl Server {
             .unwrap()
             .port();
         let store = tempfile::tempdir().unwrap();
-        let child = Server::spawn(port, store.path());
+        let child = Server::spawn(port, store.path(), None);
         Server { child, port, store }
     }
 
-    fn spawn(port: u16, store: &std::path::Path) -> Child {
-        let child = Command::new("nats-server")
+    fn spawn(port: u16, store: &std::path::Path, login: Option<(&str, &str)>) -> Child {
+        let mut command = Command::new("nats-server");
+        command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
+            .arg(store);
+        if let Some((user, password)) = login {
+            command.args(["--user", user, "--pass", password]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -96,7 +108,19 @@ impl Server {
     fn kill_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Server::spawn(self.port, self.store.path());
+        self.child = Server::spawn(self.port, self.store.path(), None);
+    }
+
+    /// A server that asks for `user` and `password`.
+    fn start_with_login(user: &str, password: &str) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = tempfile::tempdir().unwrap();
+        let child = Server::spawn(port, store.path(), Some((user, password)));
+        Server { child, port, store }
     }
 
     fn url(&self) -> String {
@@ -117,13 +141,19 @@ struct Agent(Child);
 
 impl Agent {
     fn start(server: &Server, test: &str) -> Agent {
-        let child = Command::new(std::env::current_exe().unwrap())
+        Agent::start_with_login(server, test, None)
+    }
+
+    fn start_with_login(server: &Server, test: &str, login: Option<&str>) -> Agent {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
             .args(["--exact", test, "--nocapture", "--test-threads", "1"])
             .env(AGENT_URL, server.url())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent(child)
+            .stdout(Stdio::null());
+        if let Some(login) = login {
+            command.env(AGENT_LOGIN, login);
+        }
+        Agent(command.spawn().unwrap())
     }
 
     fn kill(&mut self) {
@@ -259,6 +289,33 @@ fn a_task_that_kills_its_worker_on_every_agent_fails_alone_with_the_crash() {
             assert_eq!(*result, Ok(x as u64));
         }
     }
+}
+
+#[test]
+fn credentials_pass_through_and_are_required_when_the_server_asks() {
+    agent_role();
+    let server = Server::start_with_login("alice", "s3cret");
+    let test = "credentials_pass_through_and_are_required_when_the_server_asks";
+    let _agent = Agent::start_with_login(&server, test, Some("alice:s3cret"));
+    let err = Cluster::connect(&server.url()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot connect to NATS at"),
+        "{err}"
+    );
+    let wrong = NatsOptions::new(server.url()).user_and_password("alice", "guess");
+    assert!(Cluster::connect_with(&wrong).is_err());
+    let nats = NatsOptions::new(server.url()).user_and_password("alice", "s3cret");
+    let mut cluster = Cluster::connect_with(&nats)
+        .unwrap()
+        .timeout(Duration::from_secs(60));
+    let results = cluster
+        .map::<u64, u64>(&registry(), "square", 20..30u64)
+        .unwrap();
+    assert_eq!(results, (20..30u64).map(|x| Ok(x * x)).collect::<Vec<_>>());
+    assert!(
+        !format!("{nats:?}").contains("s3cret"),
+        "no secret in Debug"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use procpool_worker::wire::split_item;
 
 use super::wire::{self, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, Registry, ensure_streams, runtime};
+use super::{ClusterError, NatsOptions, Registry, ensure_streams, runtime};
 use crate::batching::BatchSizer;
 use crate::engine::{Batch, Engine, Policy, PoolSpec, Sink, Workers};
 use crate::error::TaskError;
@@ -68,13 +68,34 @@ pub fn run_agent(
     registry: &Registry,
     options: &AgentOptions,
 ) -> Result<(), ClusterError> {
+    run_agent_with(&NatsOptions::new(url), registry, options)
+}
+
+/// [`run_agent`] with the credentials and TLS settings of `nats`.
+///
+/// ```no_run
+/// # fn square(x: u64) -> u64 { x * x }
+/// let registry = procpool::cluster::Registry::new().map("square", square);
+/// let nats = procpool::cluster::NatsOptions::new("nats://10.0.0.5:4222")
+///     .credentials_file("/etc/nats/agent.creds");
+/// let options = procpool::cluster::AgentOptions::default();
+/// procpool::cluster::run_agent_with(&nats, &registry, &options)?;
+/// # Ok::<(), procpool::cluster::ClusterError>(())
+/// ```
+///
+/// # Errors
+///
+/// As for [`run_agent`], and if the server refuses the credentials.
+pub fn run_agent_with(
+    nats: &NatsOptions,
+    registry: &Registry,
+    options: &AgentOptions,
+) -> Result<(), ClusterError> {
     let rt = runtime()?;
     // Dropping a subscription spawns its unsubscribe on the runtime.
     let handle = rt.handle().clone();
     let _inside = handle.enter();
-    let client = rt
-        .block_on(async_nats::connect(url))
-        .map_err(|e| ClusterError::new(format!("cannot connect to NATS at {url}: {e}")))?;
+    let client = rt.block_on(nats.connect())?;
     let js = {
         let _inside = rt.enter();
         jetstream::new(client)

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::wire::{self, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, Registry, ensure_streams, runtime};
+use super::{ClusterError, NatsOptions, Registry, ensure_streams, runtime};
 use crate::engine::{Batch, decode_outcome};
 use crate::error::TaskError;
 
@@ -57,23 +57,23 @@ impl Cluster {
     ///
     /// Fails if the server cannot be reached.
     pub fn connect(url: &str) -> Result<Cluster, ClusterError> {
+        Cluster::connect_with(&NatsOptions::new(url))
+    }
+
+    /// Connects to the NATS server `nats` names, with its credentials and
+    /// TLS settings.
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("127.0.0.1:1").token("t0k3n");
+    /// assert!(procpool::cluster::Cluster::connect_with(&nats).is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails if the server cannot be reached or refuses the credentials.
+    pub fn connect_with(nats: &NatsOptions) -> Result<Cluster, ClusterError> {
         let rt = runtime()?;
-        let connecting = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url)).await
-        });
-        let client = match connecting {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                return Err(ClusterError::new(format!(
-                    "cannot connect to NATS at {url}: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(ClusterError::new(format!(
-                    "cannot connect to NATS at {url}: no answer in 5 s"
-                )));
-            }
-        };
+        let client = rt.block_on(nats.connect())?;
         let js = {
             let _inside = rt.enter();
             jetstream::new(client)

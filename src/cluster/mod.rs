@@ -27,7 +27,7 @@ use procpool_worker::worker::jobs::{self, BatchRunner};
 
 use crate::engine::JobSpec;
 
-pub use agent::{AgentOptions, run_agent};
+pub use agent::{AgentOptions, run_agent, run_agent_with};
 pub use client::Cluster;
 
 /// The functions a program exposes to cluster jobs, by name. Build the same
@@ -167,6 +167,145 @@ impl fmt::Display for ClusterError {
 }
 
 impl std::error::Error for ClusterError {}
+
+/// Where the NATS server is and how to prove who we are to it: the
+/// credentials and TLS settings of NATS, passed through as they are.
+///
+/// ```
+/// let nats = procpool::cluster::NatsOptions::new("nats://10.0.0.5:4222")
+///     .user_and_password("agent", "s3cret")
+///     .tls_root_ca("/etc/nats/ca.pem");
+/// assert_eq!(nats.url(), "nats://10.0.0.5:4222");
+/// ```
+#[derive(Clone, Default)]
+pub struct NatsOptions {
+    url: String,
+    user_and_password: Option<(String, String)>,
+    token: Option<String>,
+    credentials_file: Option<std::path::PathBuf>,
+    tls_root_ca: Option<std::path::PathBuf>,
+    require_tls: bool,
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No secret is printed.
+        f.debug_struct("NatsOptions")
+            .field("url", &self.url)
+            .field("user", &self.user_and_password.as_ref().map(|(u, _)| u))
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_root_ca", &self.tls_root_ca)
+            .field("require_tls", &self.require_tls)
+            .finish()
+    }
+}
+
+impl NatsOptions {
+    /// The server at `url`, with no credentials.
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("nats://127.0.0.1:4222");
+    /// assert_eq!(nats.url(), "nats://127.0.0.1:4222");
+    /// ```
+    pub fn new(url: impl Into<String>) -> NatsOptions {
+        NatsOptions {
+            url: url.into(),
+            ..NatsOptions::default()
+        }
+    }
+
+    /// The server's address.
+    ///
+    /// ```
+    /// assert_eq!(procpool::cluster::NatsOptions::new("nats://h:1").url(), "nats://h:1");
+    /// ```
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Authenticates with a user name and password.
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("nats://h:1").user_and_password("u", "p");
+    /// # let _ = nats;
+    /// ```
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> NatsOptions {
+        self.user_and_password = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Authenticates with a token.
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("nats://h:1").token("t0k3n");
+    /// # let _ = nats;
+    /// ```
+    pub fn token(mut self, token: impl Into<String>) -> NatsOptions {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Authenticates with an NKey / JWT credentials file (`.creds`).
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("nats://h:1").credentials_file("/etc/nats/agent.creds");
+    /// # let _ = nats;
+    /// ```
+    pub fn credentials_file(mut self, path: impl Into<std::path::PathBuf>) -> NatsOptions {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Trusts the certificate authority in `path` (PEM), and requires TLS.
+    ///
+    /// ```
+    /// let nats = procpool::cluster::NatsOptions::new("tls://h:1").tls_root_ca("/etc/nats/ca.pem");
+    /// # let _ = nats;
+    /// ```
+    pub fn tls_root_ca(mut self, path: impl Into<std::path::PathBuf>) -> NatsOptions {
+        self.tls_root_ca = Some(path.into());
+        self.require_tls = true;
+        self
+    }
+
+    /// Connects, with these settings.
+    async fn connect(&self) -> Result<async_nats::Client, ClusterError> {
+        let url = &self.url;
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some((user, password)) = &self.user_and_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &self.credentials_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                ClusterError::new(format!(
+                    "cannot read the credentials file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if let Some(path) = &self.tls_root_ca {
+            options = options.add_root_certificates(path.clone());
+        }
+        options = options.require_tls(self.require_tls);
+        match tokio::time::timeout(Duration::from_secs(5), options.connect(url.as_str())).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(ClusterError::new(format!(
+                "cannot connect to NATS at {url}: {e}"
+            ))),
+            Err(_) => Err(ClusterError::new(format!(
+                "cannot connect to NATS at {url}: no answer in 5 s"
+            ))),
+        }
+    }
+}
 
 /// A tokio runtime for this thread's blocking calls into async-nats, with
 /// one thread of its own so the connection keeps being served (pings,
