@@ -35,6 +35,8 @@ pub struct Cluster {
     js: jetstream::Context,
     chunk_size: usize,
     timeout: Option<Duration>,
+    /// The results stream, once made (a job needs it, not a new look-up).
+    results: Option<jetstream::stream::Stream>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -83,6 +85,7 @@ impl Cluster {
             js,
             chunk_size: DEFAULT_CHUNK,
             timeout: None,
+            results: None,
         })
     }
 
@@ -138,7 +141,14 @@ impl Cluster {
         let root_seed =
             crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
         let fingerprint = procpool_worker::fnref::fingerprint();
-        let (_, results_stream) = self.rt.block_on(ensure_streams(&self.js))?;
+        let results_stream = match &self.results {
+            Some(stream) => stream.clone(),
+            None => {
+                let (_, stream) = self.rt.block_on(ensure_streams(&self.js))?;
+                self.results = Some(stream.clone());
+                stream
+            }
+        };
         let mut reader = ResultReader {
             stream: results_stream,
             subject: wire::result_subject(job),
