@@ -102,6 +102,10 @@ impl Cluster {
     }
 
     /// The longest a map may wait for its results (default: no limit).
+    /// Without one, a map waits for agents as long as it takes: agents may
+    /// join at any time, and a batch that no agent can finish (one that
+    /// kills every agent that takes it, past the server's `max_deliver`)
+    /// is not yet reported as an error.
     ///
     /// ```no_run
     /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?
