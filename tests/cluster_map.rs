@@ -284,7 +284,9 @@ fn a_task_that_kills_its_worker_on_every_agent_fails_alone_with_the_crash() {
         if x == 7 {
             let err = result.as_ref().unwrap_err();
             assert_eq!(err.task_index(), 7);
-            assert!(err.to_string().contains("SIGABRT"), "{err}");
+            assert!(err.is_crash(), "{err}");
+            assert_eq!(err.signal(), Some(libc::SIGABRT), "{err}");
+            assert!(err.worker_pid().is_some_and(|pid| pid > 0));
         } else {
             assert_eq!(*result, Ok(x as u64));
         }

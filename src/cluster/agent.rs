@@ -339,8 +339,12 @@ impl Sink for Collect {
     }
 
     fn failed(&mut self, index: u64, error: TaskError) {
+        let outcome = match error.death() {
+            Some(parts) => Outcome::Died(parts),
+            None => Outcome::Lost(error.to_string()),
+        };
         if let Some(slot) = self.slot(index) {
-            *slot = Some(Outcome::Lost(error.to_string()));
+            *slot = Some(outcome);
         }
     }
 }

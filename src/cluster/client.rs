@@ -287,6 +287,7 @@ fn place<R: DeserializeOwned>(outcomes: &mut [Option<Result<R, TaskError>>], res
                     Outcome::Encoded(item) => procpool_worker::worker::task::capturing(|| {
                         decode_outcome::<R>(index, &item)
                     }),
+                    Outcome::Died(parts) => Err(TaskError::from_death(index, parts)),
                     Outcome::Lost(why) => Err(TaskError::pool(index, why)),
                 });
             }

@@ -51,7 +51,10 @@ pub(crate) struct TaskMsg {
 pub(crate) enum Outcome {
     /// Its outcome as a worker encodes it: `Result<R, TaskFailure>`.
     Encoded(Vec<u8>),
-    /// Its worker died, or it could not run; the agent's account of why.
+    /// Its worker on the agent died: the parts of the error, so that the
+    /// client's has the same predicates (`is_crash`, `signal`, …).
+    Died(crate::error::DeathParts),
+    /// It could not run; the agent's account of why.
     Lost(String),
 }
 

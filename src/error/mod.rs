@@ -11,5 +11,7 @@ pub use pipeline::{PipelineError, StageKind};
 pub use pool::{ConfigError, PoolError};
 pub use procpool_worker::wire::ExitInfo;
 pub use store::StoreError;
+#[cfg(feature = "cluster")]
+pub(crate) use task::DeathParts;
 pub use task::TaskError;
 pub(crate) use task::{Death, describe_exit};

@@ -24,8 +24,18 @@ pub struct TaskError {
     kind: Box<TaskErrorKind>,
 }
 
+/// How a worker died, as parts (see [`TaskError::death`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DeathParts {
+    pub(crate) worker_id: u32,
+    pub(crate) pid: u32,
+    /// How it ended, and the tail of its stderr.
+    pub(crate) ended: Option<(ExitInfo, String)>,
+    pub(crate) cause: Death,
+}
+
 /// Why a worker died while running a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Death {
     /// It crashed on its own (signal, abort, exit).
     Crash,
@@ -103,6 +113,39 @@ impl TaskError {
                 cause,
             }),
         }
+    }
+
+    /// How its worker died, if it did, as parts that can cross to another
+    /// process and become the same error there ([`TaskError::from_death`]).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn death(&self) -> Option<DeathParts> {
+        match &*self.kind {
+            TaskErrorKind::WorkerDied {
+                worker_id,
+                pid,
+                exit,
+                stderr_tail,
+                cause,
+            } => Some(DeathParts {
+                worker_id: *worker_id,
+                pid: *pid,
+                ended: exit.map(|e| (e, stderr_tail.clone())),
+                cause: *cause,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Task `index`'s error from the parts of a worker's death.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn from_death(index: u64, parts: DeathParts) -> TaskError {
+        let DeathParts {
+            worker_id,
+            pid,
+            ended,
+            cause,
+        } = parts;
+        TaskError::worker_died(index, worker_id, pid, ended, cause)
     }
 
     pub(crate) fn pool(index: u64, message: impl Into<String>) -> TaskError {
