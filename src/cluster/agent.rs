@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use procpool_worker::wire::split_item;
 
 use super::wire::{self, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, NatsOptions, Registry, ensure_streams, runtime};
+use super::{ClusterError, NatsOptions, Registry, ensure_streams, publish_until_stored, runtime};
 use crate::batching::BatchSizer;
 use crate::engine::{Batch, Engine, Policy, PoolSpec, Sink, Workers};
 use crate::error::TaskError;
@@ -207,43 +207,22 @@ pub fn run_agent_with(
                 // The result is stored before the batch is acknowledged: a
                 // crash in between runs the batch again, and the client
                 // keeps one result per batch.
-                if publish(&rt, &js, wire::result_subject(job), &id, payload) {
-                    let _ = rt.block_on(message.ack());
+                match publish_until_stored(
+                    &rt,
+                    &js,
+                    &wire::result_subject(job),
+                    &id,
+                    payload.into(),
+                ) {
+                    Ok(()) => {
+                        let _ = rt.block_on(message.ack());
+                    }
+                    // Not acknowledged: the server gives the batch again.
+                    Err(e) => log::warn!(target: "procpool", "cannot publish the result {id}: {e}"),
                 }
             }
         }
     }
-}
-
-/// Publishes until the server acknowledges (a bounded number of tries);
-/// whether it did.
-fn publish(
-    rt: &tokio::runtime::Runtime,
-    js: &jetstream::Context,
-    subject: String,
-    id: &str,
-    payload: Vec<u8>,
-) -> bool {
-    let payload = bytes::Bytes::from(payload);
-    for attempt in 0..20u32 {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
-        let acked = rt.block_on(async {
-            js.publish_with_headers(subject.clone(), headers, payload.clone())
-                .await?
-                .await
-                .map(|_| ())
-                .map_err(async_nats::Error::from)
-        });
-        match acked {
-            Ok(()) => return true,
-            Err(e) => {
-                log::warn!(target: "procpool", "cannot publish {id} (try {attempt}): {e}");
-                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt + 1)));
-            }
-        }
-    }
-    false
 }
 
 /// Runs batches of one job on `workers`; what each gave, in order.

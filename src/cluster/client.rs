@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::wire::{self, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, NatsOptions, Registry, ensure_streams, runtime};
+use super::{ClusterError, NatsOptions, Registry, ensure_streams, publish_until_stored, runtime};
 use crate::engine::{Batch, decode_outcome};
 use crate::error::TaskError;
 
@@ -244,32 +244,11 @@ impl Cluster {
     fn publish_task(&self, fingerprint: u64, job: u64, task: &TaskMsg) -> Result<(), ClusterError> {
         let payload = postcard::to_allocvec(task)
             .map_err(|e| ClusterError::new(format!("cannot encode a batch: {e}")))?;
-        let payload = bytes::Bytes::from(payload);
         let id = wire::message_id(job, task.batch);
-        let mut last = String::new();
-        for attempt in 0..20u64 {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            let acked = self.rt.block_on(async {
-                self.js
-                    .publish_with_headers(wire::task_subject(fingerprint), headers, payload.clone())
-                    .await?
-                    .await
-                    .map(|_| ())
-                    .map_err(async_nats::Error::from)
-            });
-            match acked {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    last = e.to_string();
-                    std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
-                }
-            }
-        }
-        Err(ClusterError::new(format!(
-            "cannot publish batch {}: {last}",
-            task.batch
-        )))
+        let subject = wire::task_subject(fingerprint);
+        publish_until_stored(&self.rt, &self.js, &subject, &id, payload.into()).map_err(|last| {
+            ClusterError::new(format!("cannot publish batch {}: {last}", task.batch))
+        })
     }
 }
 

@@ -328,39 +328,78 @@ async fn ensure_streams(
     ),
     ClusterError,
 > {
-    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
-    let tasks = js
-        .get_or_create_stream(Config {
-            name: wire::TASKS_STREAM.to_string(),
-            subjects: vec!["procpool.tasks.>".to_string()],
-            retention: RetentionPolicy::WorkQueue,
-            storage: StorageType::File,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            ClusterError::new(format!(
-                "cannot make the stream {}: {e}",
-                wire::TASKS_STREAM
-            ))
-        })?;
-    let results = js
-        .get_or_create_stream(Config {
-            name: wire::RESULTS_STREAM.to_string(),
-            subjects: vec!["procpool.results.>".to_string()],
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            max_age: Duration::from_secs(24 * 3600),
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            ClusterError::new(format!(
-                "cannot make the stream {}: {e}",
-                wire::RESULTS_STREAM
-            ))
-        })?;
+    use async_nats::jetstream::stream::RetentionPolicy;
+    let tasks = make_stream(
+        js,
+        wire::TASKS_STREAM,
+        "procpool.tasks.>",
+        RetentionPolicy::WorkQueue,
+        Duration::ZERO,
+    )
+    .await?;
+    let results = make_stream(
+        js,
+        wire::RESULTS_STREAM,
+        "procpool.results.>",
+        RetentionPolicy::Limits,
+        Duration::from_secs(24 * 3600),
+    )
+    .await?;
     Ok((tasks, results))
+}
+
+/// Makes (or finds) the file stream `name` over `subjects`, with a
+/// deduplication window for retried publishes, keeping messages up to
+/// `max_age` (zero: until they are taken).
+async fn make_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    subjects: &str,
+    retention: async_nats::jetstream::stream::RetentionPolicy,
+    max_age: Duration,
+) -> Result<async_nats::jetstream::stream::Stream, ClusterError> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    js.get_or_create_stream(Config {
+        name: name.to_string(),
+        subjects: vec![subjects.to_string()],
+        retention,
+        storage: StorageType::File,
+        max_age,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ClusterError::new(format!("cannot make the stream {name}: {e}")))
+}
+
+/// Publishes `payload` to `subject` with the deduplication id `id` until
+/// the server has stored it (a bounded number of tries, backing off);
+/// the last error if it never did.
+fn publish_until_stored(
+    rt: &tokio::runtime::Runtime,
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    id: &str,
+    payload: bytes::Bytes,
+) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..20u64 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let stored = rt.block_on(async {
+            js.publish_with_headers(subject.to_string(), headers, payload.clone())
+                .await?
+                .await
+                .map(|_| ())
+                .map_err(async_nats::Error::from)
+        });
+        match stored {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = e.to_string();
+                std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+            }
+        }
+    }
+    Err(last)
 }
