@@ -316,16 +316,10 @@ pub(crate) unsafe fn run_batch_here(
     root_seed: u64,
 ) -> Vec<u8> {
     let mut out = Vec::new();
-    let view = BatchView {
-        first_index: batch.first_index(),
-        root_seed,
-        count: batch.count(),
-        items: batch.items(),
-    };
     let job_io = BatchJob {
         state,
         archive,
-        batch: view,
+        batch: batch.view(root_seed),
         out: &mut out,
     };
     // SAFETY: the caller's promise about the job, the batch and `archive`.

@@ -162,7 +162,7 @@ pub fn run_agent_with(
                 }
             }
         }
-        for ((function, job, root_seed), run) in runs {
+        for ((function, job, root_seed), mut run) in runs {
             let results = match registry.job(&function) {
                 None => run
                     .iter()
@@ -192,7 +192,7 @@ pub fn run_agent_with(
                             e.insert((workers, BatchSizer::new(None)))
                         }
                     };
-                    run_batches(&mut pool.0, &mut pool.1, root_seed, &run)
+                    run_batches(&mut pool.0, &mut pool.1, root_seed, &mut run)
                 }
             };
             for ((message, _), result) in run.into_iter().zip(results) {
@@ -230,13 +230,15 @@ fn run_batches(
     workers: &mut Workers,
     sizer: &mut BatchSizer,
     root_seed: u64,
-    run: &[(jetstream::Message, TaskMsg)],
+    run: &mut [(jetstream::Message, TaskMsg)],
 ) -> Vec<ResultMsg> {
     let mut collect = Collect::default();
     let mut results: Vec<Option<ResultMsg>> = Vec::with_capacity(run.len());
     let mut engine = Engine::new(workers, sizer, root_seed);
-    for (_, task) in run {
-        match Batch::from_framed(task.first_index, task.items.clone())
+    for (_, task) in run.iter_mut() {
+        // The arguments go to the engine as they came; the message keeps
+        // only what its result needs.
+        match Batch::from_framed(task.first_index, std::mem::take(&mut task.items))
             .filter(|b| b.count() == task.count)
         {
             Some(batch) => {

@@ -173,7 +173,7 @@ impl Cluster {
                 first_index: batch.first_index(),
                 count: batch.count(),
                 root_seed,
-                items: batch.items().to_vec(),
+                items: batch.into_items(),
             };
             batches += 1;
             outcomes.extend((0..count).map(|_| None));

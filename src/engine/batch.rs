@@ -7,7 +7,7 @@ use procpool_worker::wire::{
     BATCH_HEADER, BatchHeader, MAX_ARGUMENT_BYTES, MAX_ITEM_PREFIX, TaskFailure, begin_item,
     encode_into, end_item, to_worker,
 };
-use procpool_worker::worker::task::{capturing, catch};
+use procpool_worker::worker::task::{BatchView, capturing, catch};
 use serde::Serialize;
 
 /// Tasks with contiguous indices and their encoded arguments.
@@ -28,9 +28,21 @@ impl Batch {
         self.first_index
     }
 
-    /// Its arguments, each an item (see `procpool_worker::wire::begin_item`).
-    pub(crate) fn items(&self) -> &[u8] {
-        &self.items
+    /// The batch as a runner reads it, its tasks' seeds derived from
+    /// `root_seed`.
+    pub(crate) fn view(&self, root_seed: u64) -> BatchView<'_> {
+        BatchView {
+            first_index: self.first_index,
+            root_seed,
+            count: self.count(),
+            items: &self.items,
+        }
+    }
+
+    /// Its arguments, framed, given up (to send them elsewhere).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn into_items(self) -> Vec<u8> {
+        self.items
     }
 
     /// Adds a task whose argument is `arg` (see [`encode_argument`]).

@@ -89,13 +89,7 @@ impl Here {
 /// outcomes, as a worker's.
 pub(super) fn run_closure(closure: &mut dyn InParentFn, batch: &Batch, root_seed: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    let view = BatchView {
-        first_index: batch.first_index(),
-        root_seed,
-        count: batch.count(),
-        items: batch.items(),
-    };
-    closure.run(view, &mut out);
+    closure.run(batch.view(root_seed), &mut out);
     out
 }
 
@@ -519,7 +513,7 @@ mod tests {
         tasks.finish(&mut outputs);
         let batch = tasks.next_batch().unwrap();
         assert_eq!(batch.count(), 4);
-        let mut rest = batch.items();
+        let mut rest = batch.view(0).items;
         let first = split_item(&mut rest).unwrap();
         assert_eq!(first, [3, 1, 2, 3]); // Vec of 3: length, then the items
         let mut chunks = Tasks::new(StageKind::Chunked(4));
@@ -529,7 +523,7 @@ mod tests {
         }
         chunks.finish(&mut outputs);
         let batch = chunks.next_batch().unwrap();
-        let mut rest = batch.items();
+        let mut rest = batch.view(0).items;
         let lens: Vec<u8> = (0..batch.count())
             .map(|_| split_item(&mut rest).unwrap()[0])
             .collect();
