@@ -65,42 +65,80 @@ struct Server {
     child: Child,
     port: u16,
     store: tempfile::TempDir,
+    login: Option<(String, String)>,
 }
 
 impl Server {
     fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let store = tempfile::tempdir().unwrap();
-        let child = Server::spawn(port, store.path(), None);
-        Server { child, port, store }
+        Server::start_as(None)
     }
 
-    fn spawn(port: u16, store: &std::path::Path, login: Option<(&str, &str)>) -> Child {
+    /// A server that asks for `user` and `password`.
+    fn start_with_login(user: &str, password: &str) -> Server {
+        Server::start_as(Some((user.to_owned(), password.to_owned())))
+    }
+
+    /// Picks a free port and starts a server on it; picks another port when
+    /// something took this one between the pick and the server's bind (tests
+    /// run in parallel, each with its servers and clients).
+    fn start_as(login: Option<(String, String)>) -> Server {
+        let store = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if let Some(child) = Server::spawn(port, store.path(), login.as_ref()) {
+                return Server {
+                    child,
+                    port,
+                    store,
+                    login,
+                };
+            }
+        }
+        panic!("nats-server did not start on any of 5 free ports");
+    }
+
+    /// Starts a server on `port` and waits, at most 10 s, until this very
+    /// server answers there (its INFO names the server, so another test's
+    /// server on the same port is not mistaken for it). `None` when it exits
+    /// first, as it does when the port is taken.
+    fn spawn(
+        port: u16,
+        store: &std::path::Path,
+        login: Option<&(String, String)>,
+    ) -> Option<Child> {
+        let name = format!("procpool-test-{}-{port}", std::process::id());
         let mut command = Command::new("nats-server");
         command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", &name])
+            .args(["-js", "-sd"])
             .arg(store);
         if let Some((user, password)) = login {
             command.args(["--user", user, "--pass", password]);
         }
-        let child = command
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server is installed (apt-get install nats-server)");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen within 10 s"
-            );
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            if server_name_at(port).is_some_and(|answer| answer == name) {
+                return Some(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server did not answer on port {port} within 10 s");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        child
     }
 
     /// Kills the server with SIGKILL and starts it again on the same port
@@ -108,24 +146,28 @@ impl Server {
     fn kill_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Server::spawn(self.port, self.store.path(), None);
-    }
-
-    /// A server that asks for `user` and `password`.
-    fn start_with_login(user: &str, password: &str) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let store = tempfile::tempdir().unwrap();
-        let child = Server::spawn(port, store.path(), Some((user, password)));
-        Server { child, port, store }
+        self.child = Server::spawn(self.port, self.store.path(), self.login.as_ref())
+            .expect("nats-server restarts on its port");
     }
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+/// The `server_name` in the INFO line of whatever NATS server answers on
+/// `port`, if one does within a second.
+fn server_name_at(port: u16) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    // The INFO payload is JSON; names here are plain ASCII without quotes.
+    let (_, rest) = line
+        .strip_prefix("INFO ")?
+        .split_once("\"server_name\":\"")?;
+    Some(rest.split_once('"')?.0.to_owned())
 }
 
 impl Drop for Server {
