@@ -69,6 +69,7 @@ fn main() {
             n_jobs: Some(1),
             ack_wait: Duration::from_secs(2),
             max_deliver: 5,
+            ..AgentOptions::default()
         };
         let outcome = procpool::cluster::run_agent(&url, &registry(), &options);
         eprintln!("agent ended: {outcome:?}");

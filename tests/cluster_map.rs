@@ -31,11 +31,38 @@ fn abort_on_7(x: u64) -> u64 {
     x
 }
 
+/// Kills the process group it runs in (its agent, the agent's fork server
+/// and workers: a whole node) on 7.
+fn kill_node_on_7(x: u64) -> u64 {
+    if x == 7 {
+        // SAFETY: kill(2) with pid 0 signals this process's group; it has
+        // no memory-safety preconditions.
+        unsafe { libc::kill(0, libc::SIGKILL) };
+    }
+    x
+}
+
+/// Sleeps 5 s (longer than the agents' ack_wait of 2 s) and leaves a mark
+/// in the directory `MARKS` names, one per run.
+fn slow_with_mark(x: u64) -> u64 {
+    if let Ok(dir) = std::env::var(MARKS) {
+        let path = std::path::Path::new(&dir).join(format!("{x}-{}", std::process::id()));
+        let _ = std::fs::write(path, b"");
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    x + 1
+}
+
+/// Where [`slow_with_mark`] leaves its marks.
+const MARKS: &str = "PROCPOOL_TEST_MARKS";
+
 fn registry() -> Registry {
     Registry::new()
         .map("square", square)
         .map("slow_square", slow_square)
         .map("abort_on_7", abort_on_7)
+        .map("kill_node_on_7", kill_node_on_7)
+        .map("slow_with_mark", slow_with_mark)
 }
 
 /// In a process started by [`Agent::start`]: runs the agent and never
@@ -47,7 +74,8 @@ fn agent_role() {
     let options = AgentOptions {
         n_jobs: Some(2),
         ack_wait: Duration::from_secs(2),
-        max_deliver: 5,
+        max_deliver: 3,
+        ..AgentOptions::default()
     };
     let mut nats = NatsOptions::new(url);
     if let Ok(login) = std::env::var(AGENT_LOGIN) {
@@ -187,15 +215,28 @@ impl Agent {
     }
 
     fn start_with_login(server: &Server, test: &str, login: Option<&str>) -> Agent {
+        Agent::start_with_env(server, test, login.map(|l| (AGENT_LOGIN, l)))
+    }
+
+    /// An agent whose environment also has `var`; the leader of a process
+    /// group of its own (its node: itself, its fork server and workers).
+    fn start_with_env(server: &Server, test: &str, var: Option<(&str, &str)>) -> Agent {
+        use std::os::unix::process::CommandExt;
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
             .args(["--exact", test, "--nocapture", "--test-threads", "1"])
             .env(AGENT_URL, server.url())
+            .process_group(0)
             .stdout(Stdio::null());
-        if let Some(login) = login {
-            command.env(AGENT_LOGIN, login);
+        if let Some((name, value)) = var {
+            command.env(name, value);
         }
         Agent(command.spawn().unwrap())
+    }
+
+    /// Whether it has exited.
+    fn has_exited(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_some()
     }
 
     fn kill(&mut self) {
@@ -424,4 +465,128 @@ fn publish(port: u16, subject: &str, bytes: &[u8]) {
             return;
         }
     }
+}
+
+#[test]
+fn a_task_that_kills_every_agent_running_it_fails_alone_after_max_deliver() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_task_that_kills_every_agent_running_it_fails_alone_after_max_deliver";
+    let url = server.url();
+    let job = std::thread::spawn(move || {
+        let mut cluster = Cluster::connect(&url)
+            .unwrap()
+            .chunk_size(10)
+            .timeout(Duration::from_secs(60));
+        cluster.map::<u64, u64>(&registry(), "kill_node_on_7", 0..40u64)
+    });
+    // Two nodes, each started again whenever it dies, as a supervisor
+    // (systemd, Slurm) would.
+    let mut agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let mut restarts = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !job.is_finished() {
+        assert!(Instant::now() < deadline, "the job did not end within 60 s");
+        for agent in &mut agents {
+            if agent.has_exited() {
+                restarts += 1;
+                *agent = Agent::start(&server, test);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let results = job.join().unwrap().unwrap();
+    assert_eq!(results.len(), 40);
+    for (x, result) in results.iter().enumerate() {
+        if x == 7 {
+            let err = result.as_ref().unwrap_err();
+            assert_eq!(err.task_index(), 7);
+            let text = err.to_string();
+            assert!(text.contains("no agent finished this task"), "{text}");
+            assert!(text.contains("delivered 3 times"), "{text}");
+        } else {
+            assert_eq!(*result, Ok(x as u64), "task {x}");
+        }
+    }
+    // The batch was taken 3 times (max_deliver), and each time its node died.
+    assert_eq!(restarts, 3, "nodes killed by the poison task");
+}
+
+#[test]
+fn a_batch_longer_than_ack_wait_runs_once() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_batch_longer_than_ack_wait_runs_once";
+    let marks = tempfile::tempdir().unwrap();
+    let marks_dir = marks.path().to_str().unwrap();
+    let _agents = [
+        Agent::start_with_env(&server, test, Some((MARKS, marks_dir))),
+        Agent::start_with_env(&server, test, Some((MARKS, marks_dir))),
+    ];
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .timeout(Duration::from_secs(60));
+    // One batch of two 5 s tasks, against an ack_wait of 2 s: the agent
+    // that has it says it is busy, so the other never gets it.
+    let results = cluster
+        .map::<u64, u64>(&registry(), "slow_with_mark", [1u64, 2])
+        .unwrap();
+    assert_eq!(results, [Ok(2), Ok(3)]);
+    let runs = std::fs::read_dir(marks.path()).unwrap().count();
+    assert_eq!(runs, 2, "each task ran once");
+}
+
+#[test]
+fn an_unordered_map_reads_an_endless_input_lazily_and_dropping_it_cancels_the_job() {
+    agent_role();
+    let server = Server::start();
+    let test = "an_unordered_map_reads_an_endless_input_lazily_and_dropping_it_cancels_the_job";
+    let _agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(100)
+        .in_flight(4)
+        .timeout(Duration::from_secs(60));
+    let read = std::cell::Cell::new(0u64);
+    let endless = (0u64..).inspect(|_| read.set(read.get() + 1));
+    let mut seen = std::collections::HashSet::new();
+    for item in cluster
+        .map_unordered::<u64, u64, _>(&registry(), "slow_square", endless)
+        .unwrap()
+        .take(1_000)
+    {
+        let (index, result) = item.unwrap();
+        assert_eq!(result, Ok((index * index) as u64));
+        assert!(seen.insert(index), "task {index} came twice");
+        // Never more than the batches in flight ahead of what was taken.
+        assert!(
+            read.get() <= seen.len() as u64 + 4 * 100 + 100,
+            "read {}",
+            read.get()
+        );
+    }
+    // Dropped: the batches no agent took are deleted from the work queue.
+    let left = queued_batches(server.port);
+    assert_eq!(left, 0, "batches left in the work queue");
+    // The connection serves the next job.
+    let results = cluster
+        .map::<u64, u64>(&registry(), "square", 0..10u64)
+        .unwrap();
+    assert_eq!(results, (0..10u64).map(|x| Ok(x * x)).collect::<Vec<_>>());
+}
+
+/// Batches in the work queue of the server at `port`.
+fn queued_batches(port: u16) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("PROCPOOL_TASKS").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    })
 }

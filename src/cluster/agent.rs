@@ -30,8 +30,14 @@ pub struct AgentOptions {
     /// How long a batch may go unacknowledged before the server gives it
     /// to another agent: longer than the slowest batch.
     pub ack_wait: Duration,
-    /// Deliveries of a batch before the server gives up on it.
+    /// Deliveries of a batch before the server gives up on it; the
+    /// client then reports its first unfinished task as failed.
     pub max_deliver: i64,
+    /// Longest a task may run before its worker is stopped (default: no
+    /// limit).
+    pub task_timeout: Option<Duration>,
+    /// Address-space limit of each worker, in bytes (default: none).
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -40,6 +46,8 @@ impl Default for AgentOptions {
             n_jobs: None,
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
+            task_timeout: None,
+            memory_limit: None,
         }
     }
 }
@@ -91,6 +99,13 @@ pub fn run_agent_with(
     registry: &Registry,
     options: &AgentOptions,
 ) -> Result<(), ClusterError> {
+    let n_jobs = match options.n_jobs {
+        Some(0) => return Err(ClusterError::new("n_jobs must be at least 1")),
+        Some(n) => n,
+        None => {
+            crate::config::proc_count(1, None, 0).map_err(|e| ClusterError::new(e.to_string()))?
+        }
+    };
     let rt = runtime()?;
     // Dropping a subscription spawns its unsubscribe on the runtime.
     let handle = rt.handle().clone();
@@ -98,12 +113,12 @@ pub fn run_agent_with(
     let client = rt.block_on(nats.connect())?;
     let js = {
         let _inside = rt.enter();
-        jetstream::new(client)
+        jetstream::new(client.clone())
     };
     let (tasks, _) = rt.block_on(ensure_streams(&js))?;
     let fingerprint = procpool_worker::fnref::fingerprint();
     let name = wire::agents_consumer(fingerprint);
-    let consumer: jetstream::consumer::PullConsumer = rt
+    let mut consumer: jetstream::consumer::PullConsumer = rt
         .block_on(tasks.get_or_create_consumer(
             &name,
             jetstream::consumer::pull::Config {
@@ -116,112 +131,294 @@ pub fn run_agent_with(
             },
         ))
         .map_err(|e| ClusterError::new(format!("cannot make the consumer {name}: {e}")))?;
-    let n_jobs = match options.n_jobs {
-        Some(0) => return Err(ClusterError::new("n_jobs must be at least 1")),
-        Some(n) => n,
-        None => {
-            crate::config::proc_count(1, None, 0).map_err(|e| ClusterError::new(e.to_string()))?
-        }
+    // The consumer may have been made by an agent with other options: its
+    // own deadline is the one to beat.
+    let ack_wait = rt
+        .block_on(consumer.info())
+        .map_or(options.ack_wait, |info| info.config.ack_wait);
+    let agent = Agent {
+        rt: &rt,
+        js: &js,
+        registry,
+        options,
+        n_jobs,
+        max_payload: client.server_info().max_payload,
+        pools: HashMap::new(),
     };
-    let mut pools: HashMap<String, (Workers, BatchSizer)> = HashMap::new();
-    loop {
-        let fetched = rt.block_on(async {
-            let mut messages = consumer
-                .fetch()
-                .max_messages(2 * n_jobs)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await?;
-            let mut got = Vec::new();
-            while let Some(message) = messages.next().await {
-                got.push(message?);
-            }
-            Ok::<_, async_nats::Error>(got)
-        });
-        let messages = match fetched {
-            Ok(messages) => messages,
-            Err(e) => {
-                // The server may be restarting: the client reconnects.
-                log::warn!(target: "procpool", "cannot fetch batches: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-        };
-        let mut runs: HashMap<(String, u64, u64), Vec<(jetstream::Message, TaskMsg)>> =
-            HashMap::new();
-        for message in messages {
-            match postcard::from_bytes::<TaskMsg>(&message.payload) {
-                Ok(task) => runs
-                    .entry((task.function.clone(), task.job, task.root_seed))
-                    .or_default()
-                    .push((message, task)),
-                Err(e) => {
-                    // Not ours to retry: it will never decode.
-                    log::warn!(target: "procpool", "a malformed batch on {}: {e}", message.subject);
-                    let _ = rt.block_on(message.ack_with(AckKind::Term));
+    agent.serve(&mut consumer, ack_wait)
+}
+
+/// A running agent: its connection and its pools, one per function.
+struct Agent<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    js: &'a jetstream::Context,
+    registry: &'a Registry,
+    options: &'a AgentOptions,
+    n_jobs: usize,
+    /// The largest message the server takes.
+    max_payload: usize,
+    pools: HashMap<String, (Workers, BatchSizer)>,
+}
+
+/// Batches of one job, as fetched.
+type Run = Vec<(jetstream::Message, TaskMsg)>;
+
+impl Agent<'_> {
+    /// Takes batches and runs them, until it cannot go on.
+    fn serve(
+        mut self,
+        consumer: &mut jetstream::consumer::PullConsumer,
+        ack_wait: Duration,
+    ) -> Result<(), ClusterError> {
+        loop {
+            let fetched = self.rt.block_on(async {
+                let mut messages = consumer
+                    .fetch()
+                    .max_messages(2 * self.n_jobs)
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await?;
+                let mut got = Vec::new();
+                while let Some(message) = messages.next().await {
+                    got.push(message?);
                 }
-            }
-        }
-        for ((function, job, root_seed), mut run) in runs {
-            let results = match registry.job(&function) {
-                None => run
-                    .iter()
-                    .map(|(_, task)| ResultMsg {
-                        batch: task.batch,
-                        first_index: task.first_index,
-                        count: task.count,
-                        outcomes: Err(format!(
-                            "no function is exposed as {function:?} by this agent"
-                        )),
-                    })
-                    .collect(),
-                Some(spec) => {
-                    let pool = match pools.entry(function.clone()) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            let policy = Policy {
-                                task_timeout: None,
-                                memory_limit: None,
-                                max_tries: 2,
-                                replace_dead: true,
-                            };
-                            let spec =
-                                PoolSpec::new(StartMethod::default(), n_jobs, None, spec, policy);
-                            let workers = Workers::start(spec)
-                                .map_err(|e| ClusterError::new(e.to_string()))?;
-                            e.insert((workers, BatchSizer::new(None)))
-                        }
-                    };
-                    run_batches(&mut pool.0, &mut pool.1, root_seed, &mut run)
+                Ok::<_, async_nats::Error>(got)
+            });
+            let messages = match fetched {
+                Ok(messages) => messages,
+                Err(e) => {
+                    // The server may be restarting: the client reconnects.
+                    log::warn!(target: "procpool", "cannot fetch batches: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
                 }
             };
-            for ((message, _), result) in run.into_iter().zip(results) {
-                let payload = match postcard::to_allocvec(&result) {
-                    Ok(payload) => payload,
+            let mut runs: HashMap<(String, u64, u64), Run> = HashMap::new();
+            for message in messages {
+                match postcard::from_bytes::<TaskMsg>(&message.payload) {
+                    Ok(task) => runs
+                        .entry((task.function.clone(), task.job, task.root_seed))
+                        .or_default()
+                        .push((message, task)),
                     Err(e) => {
-                        log::error!(target: "procpool", "cannot encode a result: {e}");
-                        continue;
+                        // Not ours to retry: it will never decode.
+                        log::warn!(target: "procpool", "a malformed batch on {}: {e}", message.subject);
+                        let _ = self.rt.block_on(message.ack_with(AckKind::Term));
                     }
-                };
-                let id = wire::message_id(job, result.batch);
-                // The result is stored before the batch is acknowledged: a
-                // crash in between runs the batch again, and the client
-                // keeps one result per batch.
-                match publish_until_stored(
-                    &rt,
-                    &js,
-                    &wire::result_subject(job),
-                    &id,
-                    payload.into(),
-                ) {
-                    Ok(()) => {
-                        let _ = rt.block_on(message.ack());
-                    }
-                    // Not acknowledged: the server gives the batch again.
-                    Err(e) => log::warn!(target: "procpool", "cannot publish the result {id}: {e}"),
                 }
             }
+            for ((function, job, root_seed), run) in runs {
+                // The server gives a batch to another agent if this one is
+                // silent for `ack_wait`: while it runs, it says it is busy.
+                let messages: Vec<jetstream::Message> =
+                    run.iter().map(|(m, _)| m.clone()).collect();
+                let busy = self.rt.spawn(async move {
+                    let every = (ack_wait / 3).max(Duration::from_millis(100));
+                    loop {
+                        tokio::time::sleep(every).await;
+                        for message in &messages {
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                });
+                let outcome = self.run_job(&function, job, root_seed, run);
+                busy.abort();
+                outcome?;
+            }
         }
+    }
+
+    /// Runs the batches of one job and publishes their results, each
+    /// before its batch is acknowledged.
+    fn run_job(
+        &mut self,
+        function: &str,
+        job: u64,
+        root_seed: u64,
+        mut run: Run,
+    ) -> Result<(), ClusterError> {
+        let Some(spec) = self.registry.job(function) else {
+            for (message, task) in run {
+                let result = ResultMsg {
+                    batch: task.batch,
+                    first_index: task.first_index,
+                    count: task.count,
+                    outcomes: Err(format!(
+                        "no function is exposed as {function:?} by this agent"
+                    )),
+                };
+                self.finish(job, &message, result);
+            }
+            return Ok(());
+        };
+        let (mut workers, mut sizer) = match self.pools.remove(function) {
+            Some(pool) => pool,
+            None => {
+                let policy = Policy {
+                    task_timeout: self.options.task_timeout,
+                    memory_limit: self.options.memory_limit,
+                    max_tries: 2,
+                    replace_dead: true,
+                };
+                let spec = PoolSpec::new(StartMethod::default(), self.n_jobs, None, spec, policy);
+                let workers = Workers::start(spec).map_err(|e| ClusterError::new(e.to_string()))?;
+                (workers, BatchSizer::new(None))
+            }
+        };
+        // A batch given again may be one that killed the agent before:
+        // its tasks run one at a time, each result published before the
+        // next starts, so that what finished is kept and the client can
+        // tell which task no agent gets past.
+        let (again, first): (Run, Run) = run
+            .drain(..)
+            .partition(|(m, _)| m.info().is_ok_and(|info| info.delivered > 1));
+        let results = run_batches(&mut workers, &mut sizer, root_seed, &first);
+        for ((message, _), result) in first.into_iter().zip(results) {
+            self.finish(job, &message, result);
+        }
+        for (message, task) in again {
+            let Some(batch) = batch_of(&task) else {
+                self.finish(job, &message, malformed(&task));
+                continue;
+            };
+            // The client learns that the batch is run alone, before it
+            // runs: it blames the task a lone run does not get past, not
+            // one that never ran.
+            let notice = ResultMsg {
+                batch: task.batch,
+                first_index: task.first_index,
+                count: 0,
+                outcomes: Ok(Vec::new()),
+            };
+            let mut stored = postcard::to_allocvec(&notice)
+                .map_err(|e| e.to_string())
+                .and_then(|payload| self.publish(job, &wire::alone_id(job, task.batch), payload))
+                .is_ok();
+            for i in 0..batch.count() as usize {
+                if !stored {
+                    break;
+                }
+                let single = batch.slice(i..i + 1);
+                let outcomes = run_on(&mut workers, &mut sizer, root_seed, vec![single]);
+                let result = ResultMsg {
+                    batch: task.batch,
+                    first_index: batch.first_index() + i as u64,
+                    count: 1,
+                    outcomes: Ok(outcomes),
+                };
+                if let Err(e) = self.publish_result(job, result) {
+                    log::warn!(target: "procpool", "cannot publish a result of job {job:016x}: {e}");
+                    stored = false;
+                    break;
+                }
+            }
+            if stored {
+                let _ = self.rt.block_on(message.ack());
+            }
+        }
+        self.pools.insert(function.to_string(), (workers, sizer));
+        Ok(())
+    }
+
+    /// Publishes what a batch gave, then acknowledges the batch; leaves it
+    /// unacknowledged (the server gives it again) if a result cannot be
+    /// stored. A crash in between runs the batch again, and the client
+    /// keeps one outcome per task.
+    fn finish(&self, job: u64, message: &jetstream::Message, result: ResultMsg) {
+        match self.publish_result(job, result) {
+            Ok(()) => {
+                let _ = self.rt.block_on(message.ack());
+            }
+            Err(e) => {
+                log::warn!(target: "procpool", "cannot publish a result of job {job:016x}: {e}");
+            }
+        }
+    }
+
+    /// Publishes `result`, in parts if it is larger than the server takes
+    /// in one message; a single outcome too large for any message becomes
+    /// that task's error.
+    fn publish_result(&self, job: u64, result: ResultMsg) -> Result<(), String> {
+        let limit = self.max_payload.saturating_sub(wire::MESSAGE_HEADROOM);
+        let payload =
+            postcard::to_allocvec(&result).map_err(|e| format!("cannot encode a result: {e}"))?;
+        if payload.len() > limit {
+            let ResultMsg {
+                batch,
+                first_index,
+                count,
+                outcomes,
+            } = result;
+            let parts = match outcomes {
+                Ok(mut list) if list.len() > 1 => {
+                    let tail = list.split_off(list.len() / 2);
+                    let head = list.len() as u32;
+                    [
+                        (first_index, head, Ok(list)),
+                        (first_index + u64::from(head), count - head, Ok(tail)),
+                    ]
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                }
+                Ok(_) => vec![(
+                    first_index,
+                    count,
+                    Ok(vec![Outcome::Lost(format!(
+                        "its result takes {} bytes, more than the server takes in one \
+                         message ({limit} bytes)",
+                        payload.len()
+                    ))]),
+                )],
+                Err(why) => vec![(
+                    first_index,
+                    count,
+                    Err(why.chars().take(limit / 8).collect::<String>()),
+                )],
+            };
+            for (first_index, count, outcomes) in parts {
+                self.publish_result(
+                    job,
+                    ResultMsg {
+                        batch,
+                        first_index,
+                        count,
+                        outcomes,
+                    },
+                )?;
+            }
+            return Ok(());
+        }
+        let id = wire::result_id(job, result.first_index, result.count);
+        self.publish(job, &id, payload)
+    }
+
+    /// Publishes an encoded result under the deduplication id `id`, until
+    /// stored.
+    fn publish(&self, job: u64, id: &str, payload: Vec<u8>) -> Result<(), String> {
+        publish_until_stored(
+            self.rt,
+            self.js,
+            &wire::result_subject(job),
+            id,
+            payload.into(),
+        )
+        .map(|_| ())
+    }
+}
+
+/// A task message's arguments as a batch, if they are whole items and as
+/// many as it says.
+fn batch_of(task: &TaskMsg) -> Option<Batch> {
+    Batch::from_framed(task.first_index, task.items.clone()).filter(|b| b.count() == task.count)
+}
+
+/// The result of a batch whose arguments do not decode.
+fn malformed(task: &TaskMsg) -> ResultMsg {
+    ResultMsg {
+        batch: task.batch,
+        first_index: task.first_index,
+        count: task.count,
+        outcomes: Err("a malformed batch".into()),
     }
 }
 
@@ -230,29 +427,48 @@ fn run_batches(
     workers: &mut Workers,
     sizer: &mut BatchSizer,
     root_seed: u64,
-    run: &mut [(jetstream::Message, TaskMsg)],
+    run: &[(jetstream::Message, TaskMsg)],
 ) -> Vec<ResultMsg> {
-    let mut collect = Collect::default();
-    let mut results: Vec<Option<ResultMsg>> = Vec::with_capacity(run.len());
-    let mut engine = Engine::new(workers, sizer, root_seed);
-    for (_, task) in run.iter_mut() {
-        // The arguments go to the engine as they came; the message keeps
-        // only what its result needs.
-        match Batch::from_framed(task.first_index, std::mem::take(&mut task.items))
-            .filter(|b| b.count() == task.count)
-        {
-            Some(batch) => {
-                collect.expect(task.first_index, batch.count());
-                engine.submit(batch);
-                results.push(None);
+    let mut batches = Vec::new();
+    let mut malformed_at = Vec::new();
+    for (i, (_, task)) in run.iter().enumerate() {
+        match batch_of(task) {
+            Some(batch) => batches.push(batch),
+            None => malformed_at.push(i),
+        }
+    }
+    let mut outcomes = run_on(workers, sizer, root_seed, batches).into_iter();
+    run.iter()
+        .enumerate()
+        .map(|(i, (_, task))| {
+            if malformed_at.contains(&i) {
+                return malformed(task);
             }
-            None => results.push(Some(ResultMsg {
+            ResultMsg {
                 batch: task.batch,
                 first_index: task.first_index,
                 count: task.count,
-                outcomes: Err("a malformed batch".into()),
-            })),
-        }
+                outcomes: Ok(outcomes.by_ref().take(task.count as usize).collect()),
+            }
+        })
+        .collect()
+}
+
+/// Runs `batches` on `workers`: every task's outcome, in the batches'
+/// order.
+fn run_on(
+    workers: &mut Workers,
+    sizer: &mut BatchSizer,
+    root_seed: u64,
+    batches: Vec<Batch>,
+) -> Vec<Outcome> {
+    let mut collect = Collect::default();
+    let mut firsts = Vec::with_capacity(batches.len());
+    let mut engine = Engine::new(workers, sizer, root_seed);
+    for batch in batches {
+        firsts.push(batch.first_index());
+        collect.expect(batch.first_index(), batch.count());
+        engine.submit(batch);
     }
     while engine.in_flight() || engine.has_queued() {
         if !engine.in_flight() {
@@ -264,16 +480,9 @@ fn run_batches(
         }
         engine.wait(&mut collect);
     }
-    run.iter()
-        .zip(results)
-        .map(|((_, task), done)| {
-            done.unwrap_or_else(|| ResultMsg {
-                batch: task.batch,
-                first_index: task.first_index,
-                count: task.count,
-                outcomes: Ok(collect.take(task.first_index)),
-            })
-        })
+    firsts
+        .into_iter()
+        .flat_map(|first| collect.take(first))
         .collect()
 }
 

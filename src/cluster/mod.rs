@@ -373,15 +373,16 @@ async fn make_stream(
 }
 
 /// Publishes `payload` to `subject` with the deduplication id `id` until
-/// the server has stored it (a bounded number of tries, backing off);
-/// the last error if it never did.
+/// the server has stored it (a bounded number of tries, backing off): its
+/// sequence in the stream (the first copy's, for a duplicate), or the last
+/// error if it never was stored.
 fn publish_until_stored(
     rt: &tokio::runtime::Runtime,
     js: &async_nats::jetstream::Context,
     subject: &str,
     id: &str,
     payload: bytes::Bytes,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let mut last = String::new();
     for attempt in 0..20u64 {
         let mut headers = async_nats::HeaderMap::new();
@@ -390,11 +391,11 @@ fn publish_until_stored(
             js.publish_with_headers(subject.to_string(), headers, payload.clone())
                 .await?
                 .await
-                .map(|_| ())
+                .map(|ack| ack.sequence)
                 .map_err(async_nats::Error::from)
         });
         match stored {
-            Ok(()) => return Ok(()),
+            Ok(sequence) => return Ok(sequence),
             Err(e) => {
                 last = e.to_string();
                 std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));

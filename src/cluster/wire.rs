@@ -26,15 +26,48 @@ pub(crate) fn agents_consumer(fingerprint: u64) -> String {
     format!("agents-{fingerprint:016x}")
 }
 
-/// The deduplication id of batch `batch` of job `job`, for its task and
-/// its result alike.
-pub(crate) fn message_id(job: u64, batch: u64) -> String {
+/// The deduplication id of batch `batch` of job `job`.
+pub(crate) fn task_id(job: u64, batch: u64) -> String {
     format!("{job:016x}-{batch}")
 }
 
-/// A batch of tasks for an agent.
+/// The deduplication id of the outcomes of tasks `first_index` to
+/// `first_index + count` of job `job` (a batch's result may come in parts).
+pub(crate) fn result_id(job: u64, first_index: u64, count: u32) -> String {
+    format!("{job:016x}-{first_index}+{count}")
+}
+
+/// The deduplication id of the notice that an agent runs batch `batch` of
+/// job `job` one task at a time (a result of no tasks).
+pub(crate) fn alone_id(job: u64, batch: u64) -> String {
+    format!("{job:016x}-{batch}-alone")
+}
+
+/// The server's advisory, on core NATS, that a batch of build
+/// `fingerprint` was delivered as often as the agents' consumer allows and
+/// never acknowledged.
+pub(crate) fn max_deliveries_subject(fingerprint: u64) -> String {
+    format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.{}",
+        agents_consumer(fingerprint)
+    )
+}
+
+/// The fields of the server's max-deliveries advisory that matter here.
+#[derive(Debug, Deserialize)]
+pub(crate) struct MaxDeliveries {
+    pub(crate) stream_seq: u64,
+    pub(crate) deliveries: u64,
+}
+
+/// Room kept in a message, below the server's `max_payload`, for headers
+/// and the fields around the items.
+pub(crate) const MESSAGE_HEADROOM: usize = 4 * 1024;
+
+/// A batch of tasks for an agent (`B`: its framed arguments, owned by the
+/// agent that decoded it, borrowed by the client that encodes it).
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct TaskMsg {
+pub(crate) struct TaskMsg<B = Vec<u8>> {
     pub(crate) job: u64,
     pub(crate) batch: u64,
     /// The exposed function's name in the agent's registry.
@@ -43,7 +76,7 @@ pub(crate) struct TaskMsg {
     pub(crate) count: u32,
     pub(crate) root_seed: u64,
     /// The tasks' arguments, each a framed item.
-    pub(crate) items: Vec<u8>,
+    pub(crate) items: B,
 }
 
 /// What one task of a batch gave.
@@ -58,7 +91,10 @@ pub(crate) enum Outcome {
     Lost(String),
 }
 
-/// What a batch gave, as the agent that ran it reports it.
+/// What tasks `first_index..first_index + count` of a batch gave, as the
+/// agent that ran them reports it: the whole batch, or a part (a batch run
+/// again runs one task at a time, and a result too large for one message
+/// is split).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ResultMsg {
     pub(crate) batch: u64,

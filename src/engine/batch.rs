@@ -39,12 +39,6 @@ impl Batch {
         }
     }
 
-    /// Its arguments, framed, given up (to send them elsewhere).
-    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub(crate) fn into_items(self) -> Vec<u8> {
-        self.items
-    }
-
     /// Adds a task whose argument is `arg` (see [`encode_argument`]).
     pub(crate) fn push_argument<A: Serialize>(
         &mut self,
@@ -134,7 +128,7 @@ impl Batch {
     }
 
     /// Tasks `range` of this batch as a batch of their own.
-    pub(super) fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> Batch {
         let mut part = Batch {
             first_index: self.first_index + range.start as u64,
             offsets: Vec::new(),
