@@ -424,6 +424,12 @@ impl<M: rkyv::Archive> ModelStore<M> {
         &self.inner.map[HEADER_LEN..]
     }
 
+    /// The whole store as a file holds it: header, then archive.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn file_bytes(&self) -> &[u8] {
+        &self.inner.map
+    }
+
     /// The mapped store without its model type, for code that must not
     /// name it (it keeps the mapping alive).
     pub(crate) fn untyped(&self) -> UntypedStore {

@@ -55,6 +55,17 @@ fn slow_with_mark(x: u64) -> u64 {
 
 /// Where [`slow_with_mark`] leaves its marks.
 const MARKS: &str = "PROCPOOL_TEST_MARKS";
+/// The model cache of an agent (its node's).
+const CACHE: &str = "PROCPOOL_TEST_CACHE";
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct Table {
+    values: Vec<u64>,
+}
+
+fn look_up(table: &ArchivedTable, i: u64) -> u64 {
+    table.values[i as usize].to_native()
+}
 
 fn registry() -> Registry {
     Registry::new()
@@ -63,6 +74,7 @@ fn registry() -> Registry {
         .map("abort_on_7", abort_on_7)
         .map("kill_node_on_7", kill_node_on_7)
         .map("slow_with_mark", slow_with_mark)
+        .map_with_model::<Table, _, _>("look_up", look_up)
 }
 
 /// In a process started by [`Agent::start`]: runs the agent and never
@@ -75,6 +87,7 @@ fn agent_role() {
         n_jobs: Some(2),
         ack_wait: Duration::from_secs(2),
         max_deliver: 3,
+        cache_dir: std::env::var_os(CACHE).map(Into::into),
         ..AgentOptions::default()
     };
     let mut nats = NatsOptions::new(url);
@@ -589,4 +602,174 @@ fn queued_batches(port: u16) -> u64 {
         let mut stream = js.get_stream("PROCPOOL_TASKS").await.unwrap();
         stream.info().await.unwrap().state.messages
     })
+}
+
+/// The files of a node's model cache, with their inode and modification
+/// time (a file downloaded again is a new inode).
+fn cached(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".store"))
+                .map(|e| {
+                    let meta = e.metadata().unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        meta.ino(),
+                        meta.modified().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn a_model_goes_to_each_node_once_checked_against_its_digest() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_model_goes_to_each_node_once_checked_against_its_digest";
+    let nodes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let start_node = |node: &tempfile::TempDir| {
+        Agent::start_with_env(&server, test, Some((CACHE, node.path().to_str().unwrap())))
+    };
+    let mut agents = [start_node(&nodes[0]), start_node(&nodes[1])];
+    let table = Table {
+        values: (0..2_000u64).map(|x| x * 3).collect(),
+    };
+    let store = procpool::persist(&table).unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    store.save(file.path()).unwrap();
+    let store_bytes = std::fs::read(file.path()).unwrap();
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(50)
+        .timeout(Duration::from_secs(60));
+    let model = cluster.publish_model(&store).unwrap();
+    assert_eq!(model.digest(), sha256_hex(&store_bytes));
+    // Published again: the same object, not a second upload.
+    assert_eq!(
+        cluster.publish_model(&store).unwrap().digest(),
+        model.digest()
+    );
+    let expected: Vec<Result<u64, procpool::TaskError>> =
+        (0..2_000u64).map(|x| Ok(x * 3)).collect();
+    let run = |cluster: &mut Cluster| {
+        cluster
+            .map_with_model::<Table, u64, u64>(&registry(), "look_up", &model, 0..2_000u64)
+            .unwrap()
+    };
+    assert!(run(&mut cluster) == expected);
+    let name = format!("sha256-{}.store", model.digest());
+    let first: Vec<_> = nodes.iter().map(|n| cached(n.path())).collect();
+    for files in &first {
+        assert!(files.len() <= 1, "{files:?}");
+        assert!(files.iter().all(|(file, _, _)| *file == name), "{files:?}");
+    }
+    assert!(
+        first.iter().any(|f| f.len() == 1),
+        "no node fetched the model"
+    );
+    for node in &nodes {
+        if let Ok(bytes) = std::fs::read(node.path().join(&name)) {
+            assert!(bytes == store_bytes, "a node's copy differs");
+        }
+    }
+    // A second job: no node downloads again.
+    assert!(run(&mut cluster) == expected);
+    for (node, before) in nodes.iter().zip(&first) {
+        let after = cached(node.path());
+        if !before.is_empty() {
+            assert_eq!(&after, before, "a node downloaded the model again");
+        }
+    }
+    // A node whose copy went bad (a byte flipped while its agent was
+    // down) notices, fetches it again and answers right.
+    for agent in &mut agents {
+        agent.kill();
+    }
+    let bad = nodes
+        .iter()
+        .find(|n| n.path().join(&name).exists())
+        .unwrap();
+    let path = bad.path().join(&name);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let _agent = start_node(bad);
+    assert!(run(&mut cluster) == expected);
+    assert!(
+        std::fs::read(&path).unwrap() == store_bytes,
+        "the copy was not replaced"
+    );
+}
+
+#[test]
+fn a_model_whose_bytes_do_not_match_its_digest_is_refused() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_model_whose_bytes_do_not_match_its_digest_is_refused";
+    let node = tempfile::tempdir().unwrap();
+    let _agent = Agent::start_with_env(&server, test, Some((CACHE, node.path().to_str().unwrap())));
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .timeout(Duration::from_secs(60));
+    let store = procpool::persist(&Table {
+        values: vec![1, 2, 3],
+    })
+    .unwrap();
+    let model = cluster.publish_model(&store).unwrap();
+    // Someone who can write to the bucket puts other bytes under the name.
+    let other = procpool::persist(&Table {
+        values: vec![7, 8, 9],
+    })
+    .unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    other.save(file.path()).unwrap();
+    let other_bytes = std::fs::read(file.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let bucket = js.get_object_store("procpool_models").await.unwrap();
+        let name = format!("sha256-{}", model.digest());
+        bucket
+            .put(name.as_str(), &mut &other_bytes[..])
+            .await
+            .unwrap();
+    });
+    let results = cluster
+        .map_with_model::<Table, u64, u64>(&registry(), "look_up", &model, 0..3u64)
+        .unwrap();
+    for result in results {
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("not what its name says"), "{err}");
+    }
+    assert!(cached(node.path()).is_empty(), "a bad download was kept");
+    // Functions and models are checked by type before anything is sent.
+    let err = cluster
+        .map_with_model::<Table, u64, u64>(&registry(), "square", &model, 0..3u64)
+        .unwrap_err();
+    assert!(err.to_string().contains("takes no model"), "{err}");
+    let err = cluster
+        .map::<u64, u64>(&registry(), "look_up", 0..3u64)
+        .unwrap_err();
+    assert!(err.to_string().contains("takes a model"), "{err}");
 }

@@ -9,12 +9,16 @@ use futures_util::StreamExt;
 
 use procpool_worker::wire::split_item;
 
+use super::models::{self, ModelCache};
 use super::wire::{self, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, NatsOptions, Registry, ensure_streams, publish_until_stored, runtime};
+use super::{
+    ClusterError, NatsOptions, OpenModel, Registry, ensure_streams, publish_until_stored, runtime,
+};
 use crate::batching::BatchSizer;
 use crate::engine::{Batch, Engine, Policy, PoolSpec, Sink, Workers};
 use crate::error::TaskError;
 use crate::launch::StartMethod;
+use crate::store::UntypedStore;
 
 /// How a node agent runs.
 ///
@@ -38,6 +42,11 @@ pub struct AgentOptions {
     pub task_timeout: Option<Duration>,
     /// Address-space limit of each worker, in bytes (default: none).
     pub memory_limit: Option<u64>,
+    /// Where this node keeps the models it downloaded, one file per
+    /// digest (default: `$PROCPOOL_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/procpool/models`, else `~/.cache/procpool/models`).
+    /// Agents of one node may share it; each digest is downloaded once.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -48,6 +57,7 @@ impl Default for AgentOptions {
             max_deliver: 5,
             task_timeout: None,
             memory_limit: None,
+            cache_dir: None,
         }
     }
 }
@@ -143,7 +153,14 @@ pub fn run_agent_with(
         options,
         n_jobs,
         max_payload: client.server_info().max_payload,
-        pools: HashMap::new(),
+        pools: Vec::new(),
+        cache: ModelCache::new(
+            options
+                .cache_dir
+                .clone()
+                .unwrap_or_else(models::default_cache_dir),
+        ),
+        bad_models: HashMap::new(),
     };
     agent.serve(&mut consumer, ack_wait)
 }
@@ -157,7 +174,25 @@ struct Agent<'a> {
     n_jobs: usize,
     /// The largest message the server takes.
     max_payload: usize,
-    pools: HashMap<String, (Workers, BatchSizer)>,
+    /// Pools by function and model digest, the most recently used last.
+    pools: Vec<(PoolKey, Pool)>,
+    cache: ModelCache,
+    /// Models whose file failed its checks even when fetched again.
+    bad_models: HashMap<String, String>,
+}
+
+/// A function, and the digest of the model it reads, if any.
+type PoolKey = (String, Option<String>);
+
+/// Pools an agent keeps started: each holds its workers' processes.
+const MAX_POOLS: usize = 4;
+
+/// Workers running one function (over one model).
+struct Pool {
+    workers: Workers,
+    sizer: BatchSizer,
+    /// The model's mapping, kept as long as its workers.
+    _model: Option<UntypedStore>,
 }
 
 /// Batches of one job, as fetched.
@@ -193,11 +228,15 @@ impl Agent<'_> {
                     continue;
                 }
             };
-            let mut runs: HashMap<(String, u64, u64), Run> = HashMap::new();
+            let mut runs: HashMap<(PoolKey, u64, u64), Run> = HashMap::new();
             for message in messages {
                 match postcard::from_bytes::<TaskMsg>(&message.payload) {
                     Ok(task) => runs
-                        .entry((task.function.clone(), task.job, task.root_seed))
+                        .entry((
+                            (task.function.clone(), task.model.clone()),
+                            task.job,
+                            task.root_seed,
+                        ))
                         .or_default()
                         .push((message, task)),
                     Err(e) => {
@@ -207,7 +246,7 @@ impl Agent<'_> {
                     }
                 }
             }
-            for ((function, job, root_seed), run) in runs {
+            for ((key, job, root_seed), run) in runs {
                 // The server gives a batch to another agent if this one is
                 // silent for `ack_wait`: while it runs, it says it is busy.
                 let messages: Vec<jetstream::Message> =
@@ -221,50 +260,32 @@ impl Agent<'_> {
                         }
                     }
                 });
-                let outcome = self.run_job(&function, job, root_seed, run);
+                self.run_job(key, job, root_seed, run);
                 busy.abort();
-                outcome?;
             }
         }
     }
 
     /// Runs the batches of one job and publishes their results, each
-    /// before its batch is acknowledged.
-    fn run_job(
-        &mut self,
-        function: &str,
-        job: u64,
-        root_seed: u64,
-        mut run: Run,
-    ) -> Result<(), ClusterError> {
-        let Some(spec) = self.registry.job(function) else {
-            for (message, task) in run {
-                let result = ResultMsg {
-                    batch: task.batch,
-                    first_index: task.first_index,
-                    count: task.count,
-                    outcomes: Err(format!(
-                        "no function is exposed as {function:?} by this agent"
-                    )),
-                };
-                self.finish(job, &message, result);
-            }
-            return Ok(());
-        };
-        let (mut workers, mut sizer) = match self.pools.remove(function) {
-            Some(pool) => pool,
-            None => {
-                let policy = Policy {
-                    task_timeout: self.options.task_timeout,
-                    memory_limit: self.options.memory_limit,
-                    max_tries: 2,
-                    replace_dead: true,
-                };
-                let spec = PoolSpec::new(StartMethod::default(), self.n_jobs, None, spec, policy);
-                let workers = Workers::start(spec).map_err(|e| ClusterError::new(e.to_string()))?;
-                (workers, BatchSizer::new(None))
+    /// before its batch is acknowledged; a job this agent cannot run (an
+    /// unknown function, a model it cannot get) gets that as its results.
+    fn run_job(&mut self, key: PoolKey, job: u64, root_seed: u64, mut run: Run) {
+        let mut pool = match self.pool(&key) {
+            Ok(pool) => pool,
+            Err(why) => {
+                for (message, task) in run {
+                    let result = ResultMsg {
+                        batch: task.batch,
+                        first_index: task.first_index,
+                        count: task.count,
+                        outcomes: Err(why.clone()),
+                    };
+                    self.finish(job, &message, result);
+                }
+                return;
             }
         };
+        let (workers, sizer) = (&mut pool.workers, &mut pool.sizer);
         // A batch given again may be one that killed the agent before:
         // its tasks run one at a time, each result published before the
         // next starts, so that what finished is kept and the client can
@@ -272,7 +293,7 @@ impl Agent<'_> {
         let (again, first): (Run, Run) = run
             .drain(..)
             .partition(|(m, _)| m.info().is_ok_and(|info| info.delivered > 1));
-        let results = run_batches(&mut workers, &mut sizer, root_seed, &first);
+        let results = run_batches(workers, sizer, root_seed, &first);
         for ((message, _), result) in first.into_iter().zip(results) {
             self.finish(job, &message, result);
         }
@@ -299,7 +320,7 @@ impl Agent<'_> {
                     break;
                 }
                 let single = batch.slice(i..i + 1);
-                let outcomes = run_on(&mut workers, &mut sizer, root_seed, vec![single]);
+                let outcomes = run_on(workers, sizer, root_seed, vec![single]);
                 let result = ResultMsg {
                     batch: task.batch,
                     first_index: batch.first_index() + i as u64,
@@ -316,8 +337,79 @@ impl Agent<'_> {
                 let _ = self.rt.block_on(message.ack());
             }
         }
-        self.pools.insert(function.to_string(), (workers, sizer));
-        Ok(())
+        self.pools.push((key, pool));
+    }
+
+    /// The pool of `key`, taken out of the agent's (put it back when
+    /// done), started if there is none.
+    fn pool(&mut self, key: &PoolKey) -> Result<Pool, String> {
+        if let Some(at) = self.pools.iter().position(|(k, _)| k == key) {
+            return Ok(self.pools.remove(at).1);
+        }
+        let (function, digest) = key;
+        let entry = self
+            .registry
+            .entry(function)
+            .ok_or_else(|| format!("no function is exposed as {function:?} by this agent"))?;
+        let model = match (entry.model, digest) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(format!("{function:?} takes no model on this agent")),
+            (Some(_), None) => return Err(format!("{function:?} takes a model: none was given")),
+            (Some((_, open)), Some(digest)) => Some(self.open_model(open, digest)?),
+        };
+        let model_fd = match &model {
+            Some(store) => Some(
+                procpool_worker::sys::dup_owned(&store.fd())
+                    .map_err(|e| format!("cannot duplicate the model's descriptor: {e}"))?,
+            ),
+            None => None,
+        };
+        let policy = Policy {
+            task_timeout: self.options.task_timeout,
+            memory_limit: self.options.memory_limit,
+            max_tries: 2,
+            replace_dead: true,
+        };
+        let spec = PoolSpec::new(
+            StartMethod::default(),
+            self.n_jobs,
+            model_fd,
+            entry.job,
+            policy,
+        );
+        let workers =
+            Workers::start(spec).map_err(|e| format!("the agent cannot start workers: {e}"))?;
+        if self.pools.len() >= MAX_POOLS {
+            self.pools.remove(0); // the least recently used: its workers stop
+        }
+        Ok(Pool {
+            workers,
+            sizer: BatchSizer::new(None),
+            _model: model,
+        })
+    }
+
+    /// The model store of `digest` from the node's cache, fetched if the
+    /// node does not have it; a cached file that fails its checks is
+    /// fetched again, once.
+    fn open_model(&mut self, open: OpenModel, digest: &str) -> Result<UntypedStore, String> {
+        if let Some(why) = self.bad_models.get(digest) {
+            return Err(why.clone());
+        }
+        let path = self.cache.file(self.rt, self.js, digest)?;
+        let first = match open(&path) {
+            Ok(store) => return Ok(store),
+            Err(e) => e,
+        };
+        log::warn!(target: "procpool", "the cached model {} fails its checks ({first}): fetching it again", path.display());
+        self.cache.evict(digest);
+        let path = self.cache.file(self.rt, self.js, digest)?;
+        open(&path).map_err(|e| {
+            let why =
+                format!("the model sha256-{digest} cannot be read as this function's model: {e}");
+            self.bad_models.insert(digest.to_string(), why.clone());
+            why
+        })
     }
 
     /// Publishes what a batch gave, then acknowledges the batch; leaves it

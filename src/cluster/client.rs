@@ -1,6 +1,7 @@
 //! The client side: a job's batches published to the work queue, and its
 //! results gathered from the agents, one outcome per task.
 
+use std::any::TypeId;
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
 use std::marker::PhantomData;
@@ -12,7 +13,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::wire::{self, MaxDeliveries, Outcome, ResultMsg, TaskMsg};
-use super::{ClusterError, NatsOptions, Registry, ensure_streams, publish_until_stored, runtime};
+use super::{
+    ClusterError, NatsOptions, Registry, ensure_streams, models, publish_until_stored, runtime,
+};
+use crate::ModelStore;
 use crate::engine::{Batch, decode_outcome};
 use crate::error::TaskError;
 
@@ -162,21 +166,8 @@ impl Cluster {
         A: Serialize + 'static,
         R: DeserializeOwned + 'static,
     {
-        let mut results: Vec<Option<Result<R, TaskError>>> = Vec::new();
-        for item in self.map_unordered(registry, name, args)? {
-            let (index, result) = item?;
-            if results.len() <= index {
-                results.resize_with(index + 1, || None);
-            }
-            results[index] = Some(result);
-        }
-        Ok(results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                r.unwrap_or_else(|| Err(TaskError::pool(i as u64, "no result came back")))
-            })
-            .collect())
+        let results = self.map_unordered(registry, name, args)?;
+        ordered(results)
     }
 
     /// Like [`map`](Self::map), but yields results as they arrive, each
@@ -215,7 +206,122 @@ impl Cluster {
         A: Serialize + 'static,
         R: DeserializeOwned + 'static,
     {
-        registry.typed::<A, R>(name)?;
+        registry.check::<A, R>(name, None)?;
+        self.start(name, None, args)
+    }
+
+    /// Publishes `store`'s model to the server's Object Store, under the
+    /// SHA-256 of its bytes, unless it is there already; jobs then name it
+    /// by that digest, and each node downloads it once.
+    ///
+    /// ```no_run
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Weights {
+    ///     values: Vec<f32>,
+    /// }
+    /// let store = procpool::persist(&Weights { values: vec![0.5; 1_000] })?;
+    /// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
+    /// let model = cluster.publish_model(&store)?;
+    /// assert_eq!(model.digest().len(), 64);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails if the server refuses the bucket or the upload.
+    pub fn publish_model<M>(
+        &mut self,
+        store: &ModelStore<M>,
+    ) -> Result<ClusterModel<M>, ClusterError>
+    where
+        M: rkyv::Archive,
+    {
+        let _inside = self.rt.enter();
+        let digest = self
+            .rt
+            .block_on(models::publish(&self.js, store.file_bytes()))?;
+        Ok(ClusterModel {
+            digest,
+            _model: PhantomData,
+        })
+    }
+
+    /// Like [`map`](Self::map), for a function exposed with
+    /// [`Registry::map_with_model`]: each task reads `model`.
+    ///
+    /// ```no_run
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Weights {
+    ///     values: Vec<f32>,
+    /// }
+    /// fn score(model: &ArchivedWeights, row: u32) -> f32 {
+    ///     model.values[row as usize].to_native() * 2.0
+    /// }
+    /// let registry = procpool::cluster::Registry::new().map_with_model::<Weights, _, _>("score", score);
+    /// let store = procpool::persist(&Weights { values: vec![0.5; 1_000] })?;
+    /// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
+    /// let model = cluster.publish_model(&store)?;
+    /// let scores = cluster.map_with_model::<Weights, u32, f32>(&registry, "score", &model, 0..1_000u32)?;
+    /// assert_eq!(scores[7], Ok(1.0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`map`](Self::map), and if `name` is not exposed over a model
+    /// of type `M`.
+    pub fn map_with_model<M, A, R>(
+        &mut self,
+        registry: &Registry,
+        name: &str,
+        model: &ClusterModel<M>,
+        args: impl IntoIterator<Item = A>,
+    ) -> Result<Vec<Result<R, TaskError>>, ClusterError>
+    where
+        M: 'static,
+        A: Serialize + 'static,
+        R: DeserializeOwned + 'static,
+    {
+        let results = self.map_unordered_with_model(registry, name, model, args)?;
+        ordered(results)
+    }
+
+    /// Like [`map_unordered`](Self::map_unordered), for a function exposed
+    /// with [`Registry::map_with_model`]: each task reads `model`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`map_unordered`](Self::map_unordered), and if `name` is not
+    /// exposed over a model of type `M`.
+    pub fn map_unordered_with_model<M, A, R, I>(
+        &mut self,
+        registry: &Registry,
+        name: &str,
+        model: &ClusterModel<M>,
+        args: I,
+    ) -> Result<MapUnordered<'_, A, R, I::IntoIter>, ClusterError>
+    where
+        M: 'static,
+        I: IntoIterator<Item = A>,
+        A: Serialize + 'static,
+        R: DeserializeOwned + 'static,
+    {
+        registry.check::<A, R>(name, Some(TypeId::of::<M>()))?;
+        self.start(name, Some(model.digest.clone()), args)
+    }
+
+    /// Starts a job of the function `name` (checked) over `args`.
+    fn start<A, R, I>(
+        &mut self,
+        name: &str,
+        model: Option<String>,
+        args: I,
+    ) -> Result<MapUnordered<'_, A, R, I::IntoIter>, ClusterError>
+    where
+        I: IntoIterator<Item = A>,
+        A: Serialize + 'static,
+        R: DeserializeOwned + 'static,
+    {
         let root_seed =
             crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
         let (tasks, results) = match &self.streams {
@@ -248,6 +354,7 @@ impl Cluster {
             id,
             function: name.to_string(),
             root_seed,
+            model,
             fingerprint,
             reader: ResultReader {
                 stream: results,
@@ -280,6 +387,72 @@ impl Cluster {
             _types: PhantomData,
         })
     }
+}
+
+/// A model published to the cluster's Object Store by
+/// [`Cluster::publish_model`]: its digest, and its type for the compiler.
+///
+/// ```no_run
+/// #[derive(rkyv::Archive, rkyv::Serialize)]
+/// struct Weights {
+///     values: Vec<f32>,
+/// }
+/// let store = procpool::persist(&Weights { values: vec![1.0] })?;
+/// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
+/// let model = cluster.publish_model(&store)?;
+/// println!("published as sha256-{}", model.digest());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ClusterModel<M> {
+    digest: String,
+    _model: PhantomData<fn() -> M>,
+}
+
+impl<M> ClusterModel<M> {
+    /// The SHA-256 of the model store's bytes, in hex.
+    ///
+    /// See the example on [`ClusterModel`].
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+impl<M> Clone for ClusterModel<M> {
+    fn clone(&self) -> Self {
+        ClusterModel {
+            digest: self.digest.clone(),
+            _model: PhantomData,
+        }
+    }
+}
+
+impl<M> std::fmt::Debug for ClusterModel<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterModel")
+            .field("type", &std::any::type_name::<M>())
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+/// Gathers an unordered job's results in input order.
+fn ordered<R, I>(results: I) -> Result<Vec<Result<R, TaskError>>, ClusterError>
+where
+    I: Iterator<Item = Result<(usize, Result<R, TaskError>), ClusterError>>,
+{
+    let mut slots: Vec<Option<Result<R, TaskError>>> = Vec::new();
+    for item in results {
+        let (index, result) = item?;
+        if slots.len() <= index {
+            slots.resize_with(index + 1, || None);
+        }
+        slots[index] = Some(result);
+    }
+    Ok(slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| Err(TaskError::pool(i as u64, "no result came back"))))
+        .collect())
 }
 
 /// The results of [`Cluster::map_unordered`], as they arrive: each with
@@ -402,6 +575,8 @@ struct Job<'c> {
     id: u64,
     function: String,
     root_seed: u64,
+    /// The digest of the job's model, if its function reads one.
+    model: Option<String>,
     fingerprint: u64,
     reader: ResultReader,
     /// The server's max-deliveries advisories for this build's batches
@@ -453,6 +628,7 @@ impl Job<'_> {
             first_index: batch.first_index(),
             count: batch.count(),
             root_seed: self.root_seed,
+            model: self.model.clone(),
             items: batch.view(self.root_seed).items,
         };
         let payload = postcard::to_allocvec(&task)

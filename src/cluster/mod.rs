@@ -13,6 +13,7 @@
 
 mod agent;
 mod client;
+mod models;
 mod wire;
 
 use std::any::TypeId;
@@ -26,9 +27,11 @@ use serde::de::DeserializeOwned;
 use procpool_worker::worker::jobs::{self, BatchRunner};
 
 use crate::engine::JobSpec;
+use crate::store::{ArchivedModel, ModelStore, UntypedStore};
+use crate::{StoreError, TaskFn};
 
 pub use agent::{AgentOptions, run_agent, run_agent_with};
-pub use client::Cluster;
+pub use client::{Cluster, ClusterModel, MapUnordered};
 
 /// The functions a program exposes to cluster jobs, by name. Build the same
 /// registry in the client and in the agents (the same program).
@@ -49,6 +52,26 @@ pub struct Registry {
 struct Entry {
     job: JobSpec,
     types: (TypeId, TypeId),
+    /// For a function of a model: the model's type, and how an agent opens
+    /// a store file of it (checked as that type).
+    model: Option<(TypeId, OpenModel)>,
+}
+
+/// Opens a model store file from a node's cache, checked as the model
+/// type of a registry entry.
+type OpenModel = fn(&std::path::Path) -> Result<UntypedStore, StoreError>;
+
+/// Opens the cache file `path` as a store of `M`s.
+fn open_model<M>(path: &std::path::Path) -> Result<UntypedStore, StoreError>
+where
+    M: rkyv::Archive<Archived: ArchivedModel>,
+{
+    // SAFETY: a node's cache file is written once under another name,
+    // checked against its digest, made read-only and renamed into place;
+    // nothing of procpool writes it again (a file that fails its checks is
+    // removed, never rewritten), and the cache directory is the agents'.
+    let store = unsafe { ModelStore::<M>::open_mapped(path) }?;
+    Ok(store.untyped())
 }
 
 impl fmt::Debug for Registry {
@@ -88,7 +111,43 @@ impl Registry {
     {
         let job = JobSpec::map(jobs::map::<A, R> as BatchRunner, f as usize);
         let types = (TypeId::of::<A>(), TypeId::of::<R>());
-        self.entries.insert(name.to_string(), Entry { job, types });
+        let entry = Entry {
+            job,
+            types,
+            model: None,
+        };
+        self.entries.insert(name.to_string(), entry);
+        self
+    }
+
+    /// Exposes `f` as `name`, for maps of `A`s to `R`s over a model of
+    /// type `M` (see [`Cluster::publish_model`]): each node maps the model
+    /// from its cache, one copy for all its workers.
+    ///
+    /// ```
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Weights {
+    ///     values: Vec<f32>,
+    /// }
+    /// fn score(model: &ArchivedWeights, row: u32) -> f32 {
+    ///     model.values[row as usize].to_native()
+    /// }
+    /// let registry = procpool::cluster::Registry::new().map_with_model::<Weights, _, _>("score", score);
+    /// assert!(registry.contains("score"));
+    /// ```
+    pub fn map_with_model<M, A, R>(mut self, name: &str, f: TaskFn<M, A, R>) -> Registry
+    where
+        M: rkyv::Archive<Archived: ArchivedModel> + 'static,
+        A: Serialize + DeserializeOwned + 'static,
+        R: Serialize + DeserializeOwned + 'static,
+    {
+        let runner = jobs::map_with_model::<M::Archived, A, R> as BatchRunner;
+        let entry = Entry {
+            job: JobSpec::map(runner, f as usize),
+            types: (TypeId::of::<A>(), TypeId::of::<R>()),
+            model: Some((TypeId::of::<M>(), open_model::<M> as OpenModel)),
+        };
+        self.entries.insert(name.to_string(), entry);
         self
     }
 
@@ -102,8 +161,13 @@ impl Registry {
         self.entries.contains_key(name)
     }
 
-    /// The job of `name`, if it maps `A`s to `R`s.
-    fn typed<A: 'static, R: 'static>(&self, name: &str) -> Result<JobSpec, ClusterError> {
+    /// Checks that `name` maps `A`s to `R`s, over a model of type `model`
+    /// or over none.
+    fn check<A: 'static, R: 'static>(
+        &self,
+        name: &str,
+        model: Option<TypeId>,
+    ) -> Result<(), ClusterError> {
         let entry = self
             .entries
             .get(name)
@@ -113,11 +177,20 @@ impl Registry {
                 "{name:?} is exposed with other argument or result types"
             )));
         }
-        Ok(entry.job)
+        match (entry.model.map(|(t, _)| t), model) {
+            (None, Some(_)) => Err(ClusterError::new(format!("{name:?} takes no model"))),
+            (Some(_), None) => Err(ClusterError::new(format!(
+                "{name:?} takes a model: use map_with_model"
+            ))),
+            (Some(theirs), Some(ours)) if theirs != ours => Err(ClusterError::new(format!(
+                "{name:?} is exposed with another model type"
+            ))),
+            _ => Ok(()),
+        }
     }
 
-    fn job(&self, name: &str) -> Option<JobSpec> {
-        self.entries.get(name).map(|e| e.job)
+    fn entry(&self, name: &str) -> Option<Entry> {
+        self.entries.get(name).copied()
     }
 }
 

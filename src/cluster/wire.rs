@@ -75,6 +75,9 @@ pub(crate) struct TaskMsg<B = Vec<u8>> {
     pub(crate) first_index: u64,
     pub(crate) count: u32,
     pub(crate) root_seed: u64,
+    /// The SHA-256 (hex) of the model store the function reads, in the
+    /// models bucket; none for a function without a model.
+    pub(crate) model: Option<String>,
     /// The tasks' arguments, each a framed item.
     pub(crate) items: B,
 }
