@@ -773,3 +773,94 @@ fn a_model_whose_bytes_do_not_match_its_digest_is_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("takes a model"), "{err}");
 }
+
+/// A copy of this test binary with another GNU build-id: the same code, but
+/// to procpool another build (its fingerprint differs).
+fn binary_of_another_build(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    // The note's header: name size 4, descriptor size 20, NT_GNU_BUILD_ID,
+    // then "GNU\0" and the 20-byte id.
+    let header: &[u8] = &[4, 0, 0, 0, 20, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0];
+    let at = bytes
+        .windows(header.len())
+        .position(|w| w == header)
+        .expect("the test binary has a GNU build-id");
+    bytes[at + header.len()] ^= 0xff;
+    let path = dir.join("another-build");
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn an_agent_of_another_build_never_runs_this_builds_batches() {
+    agent_role();
+    let server = Server::start();
+    let test = "an_agent_of_another_build_never_runs_this_builds_batches";
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = binary_of_another_build(dir.path());
+    let _foreign = Agent(
+        Command::new(&foreign)
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env(AGENT_URL, server.url())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_agent_consumers(server.port, 1);
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .timeout(Duration::from_secs(3));
+    let err = cluster
+        .map::<u64, u64>(&registry(), "square", 0..10u64)
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no agent of this build (fingerprint"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("agents of 1 other build(s)"),
+        "{err}"
+    );
+    // An agent of this build takes the next job.
+    let _ours = Agent::start(&server, test);
+    let mut cluster = cluster.timeout(Duration::from_secs(60));
+    let results = cluster
+        .map::<u64, u64>(&registry(), "square", 0..10u64)
+        .unwrap();
+    assert_eq!(results, (0..10u64).map(|x| Ok(x * x)).collect::<Vec<_>>());
+}
+
+/// Waits, at most 20 s, until `n` builds' agents have come to the server at
+/// `port` (each build's agents share a consumer).
+fn wait_for_agent_consumers(port: u16, n: usize) {
+    use futures_util::StreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(stream) = js.get_stream("PROCPOOL_TASKS").await {
+                let names: Vec<String> = stream
+                    .consumer_names()
+                    .filter_map(|name| async move { name.ok() })
+                    .collect()
+                    .await;
+                if names.iter().filter(|n| n.starts_with("agents-")).count() >= n {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "no agent came within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

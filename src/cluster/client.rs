@@ -662,7 +662,10 @@ impl Job<'_> {
         if let Some(limit) = self.timeout
             && self.started.elapsed() >= limit
         {
-            return Err(ClusterError::timeout(limit));
+            let why = self
+                .rt
+                .block_on(agents_of_build(&self.tasks, self.fingerprint));
+            return Err(ClusterError::timeout(limit, &why));
         }
         for payload in self.rt.block_on(self.reader.next_results()) {
             let Ok(result) = postcard::from_bytes::<ResultMsg>(&payload) else {
@@ -767,6 +770,39 @@ impl Drop for Job<'_> {
         let _ = self
             .rt
             .block_on(self.reader.stream.purge().filter(subject).into_future());
+    }
+}
+
+/// What the server knows of the agents of build `fingerprint`, to say why
+/// a job did not finish: none of this build ever came (only agents of
+/// other builds, which never see its batches), or none waits for batches.
+async fn agents_of_build(tasks: &jetstream::stream::Stream, fingerprint: u64) -> String {
+    let ours = wire::agents_consumer(fingerprint);
+    let mut names = tasks.consumer_names();
+    let mut others = 0;
+    let mut seen = false;
+    while let Some(Ok(name)) = names.next().await {
+        if name == ours {
+            seen = true;
+        } else if name.starts_with("agents-") {
+            others += 1;
+        }
+    }
+    if !seen {
+        return format!(
+            "no agent of this build (fingerprint {fingerprint:016x}) has come to this server; \
+             agents of {others} other build(s) have, and never see its batches"
+        );
+    }
+    match tasks.consumer_info(&ours).await {
+        Ok(info) if info.num_waiting == 0 && info.num_ack_pending == 0 => {
+            format!("no agent of this build (fingerprint {fingerprint:016x}) is taking batches now")
+        }
+        Ok(info) => format!(
+            "{} batch(es) running on agents of this build, {} waiting",
+            info.num_ack_pending, info.num_pending
+        ),
+        Err(e) => format!("the agents' consumer cannot be read: {e}"),
     }
 }
 

@@ -215,9 +215,11 @@ impl ClusterError {
         }
     }
 
-    fn timeout(limit: Duration) -> ClusterError {
+    /// A job that did not finish within `limit`; `why` is what the server
+    /// knows of its agents.
+    fn timeout(limit: Duration, why: &str) -> ClusterError {
         ClusterError {
-            message: format!("the job did not finish within {limit:?}"),
+            message: format!("the job did not finish within {limit:?}: {why}"),
             timed_out: true,
         }
     }
