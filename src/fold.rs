@@ -76,6 +76,12 @@ where
         }
     }
 
+    /// What a worker runs for it.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn job(&self) -> JobSpec {
+        self.job
+    }
+
     /// Calls the function here.
     ///
     /// ```

@@ -75,6 +75,13 @@ fn registry() -> Registry {
         .map("kill_node_on_7", kill_node_on_7)
         .map("slow_with_mark", slow_with_mark)
         .map_with_model::<Table, _, _>("look_up", look_up)
+        .map_reduce("sum_of_squares", square, add)
+        .map_reduce("sum_aborting_on_7", abort_on_7, add)
+        .mapper("sum_chunk", procpool::Mapper::fold_chunks(add))
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    a + b
 }
 
 /// In a process started by [`Agent::start`]: runs the agent and never
@@ -863,4 +870,142 @@ fn wait_for_agent_consumers(port: u16, n: usize) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
+}
+
+#[test]
+fn a_processor_a_map_reduce_and_a_fold_run_on_the_agents_as_they_do_locally() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_processor_a_map_reduce_and_a_fold_run_on_the_agents_as_they_do_locally";
+    let _agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(100)
+        .timeout(Duration::from_secs(60));
+    let registry = registry();
+
+    // The processor: RLTK's Task, the collector as its output handler.
+    let mut total = 0u64;
+    let mut failed = Vec::new();
+    let mut tasks = cluster
+        .processor(
+            &registry,
+            "square",
+            |i, r: Result<u64, procpool::TaskError>| match r {
+                Ok(v) => total += v,
+                Err(e) => failed.push((i, e.is_panic())),
+            },
+        )
+        .unwrap();
+    for x in 0..2_000u64 {
+        assert_eq!(tasks.add_task(x).unwrap(), x);
+    }
+    let summary = tasks.join().unwrap();
+    assert_eq!((summary.done, summary.failed), (1_999, 1));
+    assert_eq!(failed, [(13, true)]);
+    assert_eq!(total, (0..2_000u64).map(|x| x * x).sum::<u64>() - 13 * 13);
+    // A collector that panics stops the processor with its error.
+    let mut tasks = cluster
+        .processor(
+            &registry,
+            "square",
+            |i, _: Result<u64, procpool::TaskError>| {
+                assert!(i != 50, "collector gave up");
+            },
+        )
+        .unwrap();
+    let mut stopped = None;
+    for x in 100..400u64 {
+        if let Err(e) = tasks.add_task(x) {
+            stopped = Some(e);
+            break;
+        }
+    }
+    let err = match stopped {
+        Some(e) => {
+            drop(tasks);
+            e
+        }
+        None => tasks.join().unwrap_err(),
+    };
+    let task = err.task_error().expect("a task's error");
+    assert_eq!(task.task_index(), 50);
+    assert_eq!(task.panic_message(), Some("collector gave up"));
+
+    // Map-reduce: folded on the agents, the same value as here.
+    let sum = cluster
+        .map_reduce::<u64, u64>(&registry, "sum_of_squares", 0..13u64)
+        .unwrap();
+    assert_eq!(sum, Some((0..13u64).map(|x| x * x).sum()));
+    assert_eq!(
+        cluster
+            .map_reduce::<u64, u64>(&registry, "sum_of_squares", std::iter::empty())
+            .unwrap(),
+        None
+    );
+    let big = cluster
+        .map_reduce::<u64, u64>(&registry, "sum_of_squares", 14..20_000u64)
+        .unwrap();
+    assert_eq!(big, Some((14..20_000u64).map(|x| x * x).sum()));
+    // A panic and a crash end it with the same error as local work.
+    let err = cluster
+        .map_reduce::<u64, u64>(&registry, "sum_of_squares", 0..1_000u64)
+        .unwrap_err();
+    let task = err.task_error().unwrap();
+    assert_eq!((task.task_index(), task.is_panic()), (13, true));
+    let local = procpool::map_reduce(square, add, 2)
+        .unwrap()
+        .run(0..1_000u64)
+        .unwrap_err();
+    assert_eq!(
+        (local.task_index(), local.is_panic(), local.panic_message()),
+        (task.task_index(), task.is_panic(), task.panic_message())
+    );
+    let err = cluster
+        .map_reduce::<u64, u64>(&registry, "sum_aborting_on_7", 0..100u64)
+        .unwrap_err();
+    let task = err.task_error().unwrap();
+    assert_eq!(task.task_index(), 7);
+    assert!(task.is_crash(), "{task}");
+    assert_eq!(task.signal(), Some(libc::SIGABRT));
+    // The wrong shape is refused before anything is sent.
+    let err = cluster
+        .map::<u64, u64>(&registry, "sum_of_squares", 0..3u64)
+        .unwrap_err();
+    assert!(err.to_string().contains("is a map-reduce"), "{err}");
+
+    // The fold of the patterns, the cluster as its backend.
+    let here = procpool::fold(
+        &mut procpool::Sequential,
+        add,
+        1..=100_000u64,
+        0,
+        1_000,
+        add,
+    )
+    .unwrap();
+    let there = procpool::fold(
+        &mut cluster.backend(&registry),
+        add,
+        1..=100_000u64,
+        0,
+        1_000,
+        add,
+    )
+    .unwrap();
+    assert_eq!(there, here);
+    // A function the registry does not expose is an error, not a hang.
+    fn times(a: u64, b: u64) -> u64 {
+        a * b
+    }
+    let err = procpool::fold(
+        &mut cluster.backend(&registry),
+        times,
+        1..=10u64,
+        1,
+        3,
+        times,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not exposed"), "{err}");
 }

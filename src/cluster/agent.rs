@@ -279,6 +279,7 @@ impl Agent<'_> {
                         first_index: task.first_index,
                         count: task.count,
                         outcomes: Err(why.clone()),
+                        partials: Vec::new(),
                     };
                     self.finish(job, &message, result);
                 }
@@ -310,6 +311,7 @@ impl Agent<'_> {
                 first_index: task.first_index,
                 count: 0,
                 outcomes: Ok(Vec::new()),
+                partials: Vec::new(),
             };
             let mut stored = postcard::to_allocvec(&notice)
                 .map_err(|e| e.to_string())
@@ -320,12 +322,15 @@ impl Agent<'_> {
                     break;
                 }
                 let single = batch.slice(i..i + 1);
-                let outcomes = run_on(workers, sizer, root_seed, vec![single]);
+                let (outcomes, partials) = run_on(workers, sizer, root_seed, vec![single])
+                    .pop()
+                    .unwrap_or_default();
                 let result = ResultMsg {
                     batch: task.batch,
                     first_index: batch.first_index() + i as u64,
                     count: 1,
                     outcomes: Ok(outcomes),
+                    partials,
                 };
                 if let Err(e) = self.publish_result(job, result) {
                     log::warn!(target: "procpool", "cannot publish a result of job {job:016x}: {e}");
@@ -440,17 +445,22 @@ impl Agent<'_> {
                 first_index,
                 count,
                 outcomes,
+                partials,
             } = result;
+            // A map-reduce's folds go with the first part.
             let parts = match outcomes {
                 Ok(mut list) if list.len() > 1 => {
                     let tail = list.split_off(list.len() / 2);
                     let head = list.len() as u32;
-                    [
-                        (first_index, head, Ok(list)),
-                        (first_index + u64::from(head), count - head, Ok(tail)),
+                    vec![
+                        (first_index, head, Ok(list), partials),
+                        (
+                            first_index + u64::from(head),
+                            count - head,
+                            Ok(tail),
+                            Vec::new(),
+                        ),
                     ]
-                    .into_iter()
-                    .collect::<Vec<_>>()
                 }
                 Ok(_) => vec![(
                     first_index,
@@ -460,14 +470,16 @@ impl Agent<'_> {
                          message ({limit} bytes)",
                         payload.len()
                     ))]),
+                    Vec::new(),
                 )],
                 Err(why) => vec![(
                     first_index,
                     count,
                     Err(why.chars().take(limit / 8).collect::<String>()),
+                    Vec::new(),
                 )],
             };
-            for (first_index, count, outcomes) in parts {
+            for (first_index, count, outcomes, partials) in parts {
                 self.publish_result(
                     job,
                     ResultMsg {
@@ -475,6 +487,7 @@ impl Agent<'_> {
                         first_index,
                         count,
                         outcomes,
+                        partials,
                     },
                 )?;
             }
@@ -511,6 +524,7 @@ fn malformed(task: &TaskMsg) -> ResultMsg {
         first_index: task.first_index,
         count: task.count,
         outcomes: Err("a malformed batch".into()),
+        partials: Vec::new(),
     }
 }
 
@@ -529,31 +543,37 @@ fn run_batches(
             None => malformed_at.push(i),
         }
     }
-    let mut outcomes = run_on(workers, sizer, root_seed, batches).into_iter();
+    let mut ran = run_on(workers, sizer, root_seed, batches).into_iter();
     run.iter()
         .enumerate()
         .map(|(i, (_, task))| {
             if malformed_at.contains(&i) {
                 return malformed(task);
             }
+            let (outcomes, partials) = ran.next().unwrap_or_default();
             ResultMsg {
                 batch: task.batch,
                 first_index: task.first_index,
                 count: task.count,
-                outcomes: Ok(outcomes.by_ref().take(task.count as usize).collect()),
+                outcomes: Ok(outcomes),
+                partials,
             }
         })
         .collect()
 }
 
-/// Runs `batches` on `workers`: every task's outcome, in the batches'
-/// order.
+/// What a batch gave: its tasks' outcomes, and a map-reduce's folds with
+/// the first task each covers.
+type Ran = (Vec<Outcome>, Vec<(u64, Vec<u8>)>);
+
+/// Runs `batches` on `workers`: each batch's tasks' outcomes (and a
+/// map-reduce's folds), in the batches' order.
 fn run_on(
     workers: &mut Workers,
     sizer: &mut BatchSizer,
     root_seed: u64,
     batches: Vec<Batch>,
-) -> Vec<Outcome> {
+) -> Vec<Ran> {
     let mut collect = Collect::default();
     let mut firsts = Vec::with_capacity(batches.len());
     let mut engine = Engine::new(workers, sizer, root_seed);
@@ -574,7 +594,7 @@ fn run_on(
     }
     firsts
         .into_iter()
-        .flat_map(|first| collect.take(first))
+        .map(|first| collect.take(first))
         .collect()
 }
 
@@ -582,6 +602,9 @@ fn run_on(
 #[derive(Default)]
 struct Collect {
     batches: BTreeMap<u64, Vec<Option<Outcome>>>,
+    /// A map-reduce's folds, by the batch they belong to: each with the
+    /// first task it covers (a batch rerun in parts has one per part).
+    partials: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
 }
 
 impl Collect {
@@ -595,15 +618,18 @@ impl Collect {
         outcomes.get_mut(usize::try_from(index - first).ok()?)
     }
 
-    fn take(&mut self, first: u64) -> Vec<Outcome> {
-        self.batches
+    /// The outcomes of the batch starting at `first`, and its folds.
+    fn take(&mut self, first: u64) -> Ran {
+        let outcomes = self
+            .batches
             .remove(&first)
             .unwrap_or_default()
             .into_iter()
             .map(|o| {
                 o.unwrap_or_else(|| Outcome::Lost("the agent's pool has no workers left".into()))
             })
-            .collect()
+            .collect();
+        (outcomes, self.partials.remove(&first).unwrap_or_default())
     }
 }
 
@@ -617,6 +643,15 @@ impl Sink for Collect {
             if let Some(slot) = self.slot(first_index + i) {
                 *slot = Some(outcome);
             }
+        }
+        // A map-reduce's batch ends with its fold.
+        if let Some(partial) = split_item(&mut items)
+            && let Some((&batch, _)) = self.batches.range(..=first_index).next_back()
+        {
+            self.partials
+                .entry(batch)
+                .or_default()
+                .push((first_index, partial.to_vec()));
         }
     }
 

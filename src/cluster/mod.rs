@@ -13,7 +13,9 @@
 
 mod agent;
 mod client;
+mod job;
 mod models;
+mod shapes;
 mod wire;
 
 use std::any::TypeId;
@@ -24,14 +26,17 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use procpool_worker::worker::jobs::{self, BatchRunner};
+use procpool_worker::wire::JobKind;
+use procpool_worker::worker::jobs::{self, BatchRunner, JobFns};
 
 use crate::engine::JobSpec;
+use crate::error::TaskError;
 use crate::store::{ArchivedModel, ModelStore, UntypedStore};
 use crate::{StoreError, TaskFn};
 
 pub use agent::{AgentOptions, run_agent, run_agent_with};
-pub use client::{Cluster, ClusterModel, MapUnordered};
+pub use client::{Cluster, ClusterModel};
+pub use shapes::{ClusterBackend, ClusterProcessor, MapUnordered};
 
 /// The functions a program exposes to cluster jobs, by name. Build the same
 /// registry in the client and in the agents (the same program).
@@ -151,6 +156,73 @@ impl Registry {
         self
     }
 
+    /// Exposes `mapper` as `name`: the functions a [`fold`](crate::fold)
+    /// (or other code written against [`ParallelMap`](crate::ParallelMap))
+    /// hands its backend, for [`Cluster::backend`].
+    ///
+    /// ```
+    /// fn add(sum: u64, x: u64) -> u64 {
+    ///     sum + x
+    /// }
+    /// let registry = procpool::cluster::Registry::new()
+    ///     .mapper("sum_chunk", procpool::Mapper::fold_chunks(add));
+    /// assert!(registry.contains("sum_chunk"));
+    /// ```
+    pub fn mapper<A, R>(mut self, name: &str, mapper: crate::Mapper<A, R>) -> Registry
+    where
+        A: Serialize + DeserializeOwned + 'static,
+        R: Serialize + DeserializeOwned + 'static,
+    {
+        let entry = Entry {
+            job: mapper.job(),
+            types: (TypeId::of::<A>(), TypeId::of::<R>()),
+            model: None,
+        };
+        self.entries.insert(name.to_string(), entry);
+        self
+    }
+
+    /// Exposes `mapper` and `reducer` as the map-reduce `name`, for
+    /// [`Cluster::map_reduce`]: each agent's workers fold the values of
+    /// the batches they run, and only one value per batch comes back.
+    ///
+    /// ```
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    /// fn add(a: u64, b: u64) -> u64 {
+    ///     a + b
+    /// }
+    /// let registry = procpool::cluster::Registry::new().map_reduce("sum_of_squares", square, add);
+    /// assert!(registry.contains("sum_of_squares"));
+    /// ```
+    pub fn map_reduce<A, R>(
+        mut self,
+        name: &str,
+        mapper: fn(A) -> R,
+        reducer: fn(R, R) -> R,
+    ) -> Registry
+    where
+        A: Serialize + DeserializeOwned + 'static,
+        R: Serialize + DeserializeOwned + 'static,
+    {
+        let job = JobSpec {
+            kind: JobKind::MapReduce,
+            runner: jobs::map_reduce::<A, R> as BatchRunner,
+            fns: JobFns {
+                task: mapper as usize,
+                helper: reducer as usize,
+            },
+        };
+        let entry = Entry {
+            job,
+            types: (TypeId::of::<A>(), TypeId::of::<R>()),
+            model: None,
+        };
+        self.entries.insert(name.to_string(), entry);
+        self
+    }
+
     /// Whether a function is exposed as `name`.
     ///
     /// ```
@@ -161,13 +233,27 @@ impl Registry {
         self.entries.contains_key(name)
     }
 
+    /// The name `job` is exposed as, if it is.
+    fn name_of(&self, job: JobSpec) -> Option<String> {
+        let same = |other: &JobSpec| {
+            other.kind == job.kind
+                && other.runner as usize == job.runner as usize
+                && other.fns == job.fns
+        };
+        self.entries
+            .iter()
+            .find(|(_, entry)| same(&entry.job))
+            .map(|(name, _)| name.clone())
+    }
+
     /// Checks that `name` maps `A`s to `R`s, over a model of type `model`
-    /// or over none.
+    /// or over none, as a map (`reduces` false) or a map-reduce; its entry.
     fn check<A: 'static, R: 'static>(
         &self,
         name: &str,
         model: Option<TypeId>,
-    ) -> Result<(), ClusterError> {
+        reduces: bool,
+    ) -> Result<Entry, ClusterError> {
         let entry = self
             .entries
             .get(name)
@@ -177,6 +263,17 @@ impl Registry {
                 "{name:?} is exposed with other argument or result types"
             )));
         }
+        match (entry.job.kind == JobKind::MapReduce, reduces) {
+            (true, false) => {
+                return Err(ClusterError::new(format!(
+                    "{name:?} is a map-reduce: use Cluster::map_reduce"
+                )));
+            }
+            (false, true) => {
+                return Err(ClusterError::new(format!("{name:?} is not a map-reduce")));
+            }
+            _ => {}
+        }
         match (entry.model.map(|(t, _)| t), model) {
             (None, Some(_)) => Err(ClusterError::new(format!("{name:?} takes no model"))),
             (Some(_), None) => Err(ClusterError::new(format!(
@@ -185,7 +282,7 @@ impl Registry {
             (Some(theirs), Some(ours)) if theirs != ours => Err(ClusterError::new(format!(
                 "{name:?} is exposed with another model type"
             ))),
-            _ => Ok(()),
+            _ => Ok(*entry),
         }
     }
 
@@ -195,16 +292,20 @@ impl Registry {
 }
 
 /// Why a cluster client or agent could not do its work: the server could
-/// not be reached, a stream could not be made, a job ran past its time.
+/// not be reached, a stream could not be made, a job ran past its time, or
+/// (for the shapes that end at a task's failure: map-reduce, a processor's
+/// collector) a task failed.
 ///
 /// ```
 /// let err = procpool::cluster::Cluster::connect("127.0.0.1:1").unwrap_err();
 /// assert!(err.to_string().starts_with("cannot connect to NATS at 127.0.0.1:1"));
+/// assert!(!err.is_timeout() && err.task_error().is_none());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterError {
     message: String,
     timed_out: bool,
+    task: Option<Box<TaskError>>,
 }
 
 impl ClusterError {
@@ -212,6 +313,7 @@ impl ClusterError {
         ClusterError {
             message: message.into(),
             timed_out: false,
+            task: None,
         }
     }
 
@@ -221,6 +323,17 @@ impl ClusterError {
         ClusterError {
             message: format!("the job did not finish within {limit:?}: {why}"),
             timed_out: true,
+            task: None,
+        }
+    }
+
+    /// The job ended at the failure of a task (or of the code that takes
+    /// its result here).
+    fn task(error: TaskError) -> ClusterError {
+        ClusterError {
+            message: error.to_string(),
+            timed_out: false,
+            task: Some(Box::new(error)),
         }
     }
 
@@ -232,6 +345,17 @@ impl ClusterError {
     /// ```
     pub fn is_timeout(&self) -> bool {
         self.timed_out
+    }
+
+    /// The task failure that ended the job, if that is what did: its index,
+    /// and whether it panicked or crashed, as for local work.
+    ///
+    /// ```
+    /// let err = procpool::cluster::Cluster::connect("127.0.0.1:1").unwrap_err();
+    /// assert!(err.task_error().is_none());
+    /// ```
+    pub fn task_error(&self) -> Option<&TaskError> {
+        self.task.as_deref()
     }
 }
 

@@ -104,4 +104,8 @@ pub(crate) struct ResultMsg {
     pub(crate) first_index: u64,
     pub(crate) count: u32,
     pub(crate) outcomes: Result<Vec<Outcome>, String>,
+    /// A map-reduce's folds of these tasks' values, each as a worker
+    /// encodes it (`Result<Option<R>, TaskFailure>`) with the index of the
+    /// first task it covers; empty for a map.
+    pub(crate) partials: Vec<(u64, Vec<u8>)>,
 }
