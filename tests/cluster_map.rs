@@ -1009,3 +1009,33 @@ fn a_processor_a_map_reduce_and_a_fold_run_on_the_agents_as_they_do_locally() {
     .unwrap_err();
     assert!(err.to_string().contains("not exposed"), "{err}");
 }
+
+#[test]
+fn two_clients_running_many_small_jobs_at_once_each_get_every_result() {
+    agent_role();
+    let server = Server::start();
+    let test = "two_clients_running_many_small_jobs_at_once_each_get_every_result";
+    let _agents = [Agent::start(&server, test), Agent::start(&server, test)];
+    let clients: Vec<_> = (0..2u64)
+        .map(|client| {
+            let url = server.url();
+            std::thread::spawn(move || {
+                let mut cluster = Cluster::connect(&url)
+                    .unwrap()
+                    .timeout(Duration::from_secs(30));
+                // Each job's results are purged as it ends; the next job's
+                // must not be lost to that, nor the other client's.
+                for x in 0..500u64 {
+                    let arg = 100 + client * 10_000 + 2 * x;
+                    let results = cluster
+                        .map::<u64, u64>(&registry(), "square", [arg, arg + 1])
+                        .unwrap();
+                    assert_eq!(results, [Ok(arg * arg), Ok((arg + 1) * (arg + 1))]);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+}

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use procpool_worker::wire::split_item;
 
 use super::models::{self, ModelCache};
-use super::wire::{self, Outcome, ResultMsg, TaskMsg};
+use super::wire::{self, JobId, Outcome, ResultMsg, TaskMsg};
 use super::{
     ClusterError, NatsOptions, OpenModel, Registry, ensure_streams, publish_until_stored, runtime,
 };
@@ -228,13 +228,16 @@ impl Agent<'_> {
                     continue;
                 }
             };
-            let mut runs: HashMap<(PoolKey, u64, u64), Run> = HashMap::new();
+            let mut runs: HashMap<(PoolKey, JobId, u64), Run> = HashMap::new();
             for message in messages {
                 match postcard::from_bytes::<TaskMsg>(&message.payload) {
                     Ok(task) => runs
                         .entry((
                             (task.function.clone(), task.model.clone()),
-                            task.job,
+                            JobId {
+                                client: task.client,
+                                job: task.job,
+                            },
                             task.root_seed,
                         ))
                         .or_default()
@@ -269,12 +272,13 @@ impl Agent<'_> {
     /// Runs the batches of one job and publishes their results, each
     /// before its batch is acknowledged; a job this agent cannot run (an
     /// unknown function, a model it cannot get) gets that as its results.
-    fn run_job(&mut self, key: PoolKey, job: u64, root_seed: u64, mut run: Run) {
+    fn run_job(&mut self, key: PoolKey, job: JobId, root_seed: u64, mut run: Run) {
         let mut pool = match self.pool(&key) {
             Ok(pool) => pool,
             Err(why) => {
                 for (message, task) in run {
                     let result = ResultMsg {
+                        job: task.job,
                         batch: task.batch,
                         first_index: task.first_index,
                         count: task.count,
@@ -307,6 +311,7 @@ impl Agent<'_> {
             // runs: it blames the task a lone run does not get past, not
             // one that never ran.
             let notice = ResultMsg {
+                job: task.job,
                 batch: task.batch,
                 first_index: task.first_index,
                 count: 0,
@@ -315,7 +320,9 @@ impl Agent<'_> {
             };
             let mut stored = postcard::to_allocvec(&notice)
                 .map_err(|e| e.to_string())
-                .and_then(|payload| self.publish(job, &wire::alone_id(job, task.batch), payload))
+                .and_then(|payload| {
+                    self.publish(job, &wire::alone_id(job.job, task.batch), payload)
+                })
                 .is_ok();
             for i in 0..batch.count() as usize {
                 if !stored {
@@ -326,6 +333,7 @@ impl Agent<'_> {
                     .pop()
                     .unwrap_or_default();
                 let result = ResultMsg {
+                    job: task.job,
                     batch: task.batch,
                     first_index: batch.first_index() + i as u64,
                     count: 1,
@@ -333,7 +341,7 @@ impl Agent<'_> {
                     partials,
                 };
                 if let Err(e) = self.publish_result(job, result) {
-                    log::warn!(target: "procpool", "cannot publish a result of job {job:016x}: {e}");
+                    log::warn!(target: "procpool", "cannot publish a result of job {job}: {e}");
                     stored = false;
                     break;
                 }
@@ -421,13 +429,13 @@ impl Agent<'_> {
     /// unacknowledged (the server gives it again) if a result cannot be
     /// stored. A crash in between runs the batch again, and the client
     /// keeps one outcome per task.
-    fn finish(&self, job: u64, message: &jetstream::Message, result: ResultMsg) {
+    fn finish(&self, job: JobId, message: &jetstream::Message, result: ResultMsg) {
         match self.publish_result(job, result) {
             Ok(()) => {
                 let _ = self.rt.block_on(message.ack());
             }
             Err(e) => {
-                log::warn!(target: "procpool", "cannot publish a result of job {job:016x}: {e}");
+                log::warn!(target: "procpool", "cannot publish a result of job {job}: {e}");
             }
         }
     }
@@ -435,12 +443,13 @@ impl Agent<'_> {
     /// Publishes `result`, in parts if it is larger than the server takes
     /// in one message; a single outcome too large for any message becomes
     /// that task's error.
-    fn publish_result(&self, job: u64, result: ResultMsg) -> Result<(), String> {
+    fn publish_result(&self, job: JobId, result: ResultMsg) -> Result<(), String> {
         let limit = self.max_payload.saturating_sub(wire::MESSAGE_HEADROOM);
         let payload =
             postcard::to_allocvec(&result).map_err(|e| format!("cannot encode a result: {e}"))?;
         if payload.len() > limit {
             let ResultMsg {
+                job: job_id,
                 batch,
                 first_index,
                 count,
@@ -483,6 +492,7 @@ impl Agent<'_> {
                 self.publish_result(
                     job,
                     ResultMsg {
+                        job: job_id,
                         batch,
                         first_index,
                         count,
@@ -493,21 +503,15 @@ impl Agent<'_> {
             }
             return Ok(());
         }
-        let id = wire::result_id(job, result.first_index, result.count);
+        let id = wire::result_id(job.job, result.first_index, result.count);
         self.publish(job, &id, payload)
     }
 
     /// Publishes an encoded result under the deduplication id `id`, until
     /// stored.
-    fn publish(&self, job: u64, id: &str, payload: Vec<u8>) -> Result<(), String> {
-        publish_until_stored(
-            self.rt,
-            self.js,
-            &wire::result_subject(job),
-            id,
-            payload.into(),
-        )
-        .map(|_| ())
+    fn publish(&self, job: JobId, id: &str, payload: Vec<u8>) -> Result<(), String> {
+        publish_until_stored(self.rt, self.js, &job.results_subject(), id, payload.into())
+            .map(|_| ())
     }
 }
 
@@ -520,6 +524,7 @@ fn batch_of(task: &TaskMsg) -> Option<Batch> {
 /// The result of a batch whose arguments do not decode.
 fn malformed(task: &TaskMsg) -> ResultMsg {
     ResultMsg {
+        job: task.job,
         batch: task.batch,
         first_index: task.first_index,
         count: task.count,
@@ -552,6 +557,7 @@ fn run_batches(
             }
             let (outcomes, partials) = ran.next().unwrap_or_default();
             ResultMsg {
+                job: task.job,
                 batch: task.batch,
                 first_index: task.first_index,
                 count: task.count,

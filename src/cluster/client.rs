@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::job::{Job, JobPlan};
+use super::job::{self, Followed, Job, JobPlan, ResultReader};
 use super::shapes::{self, ClusterBackend, ClusterProcessor, MapUnordered};
 use super::wire;
 use super::{ClusterError, NatsOptions, Registry, ensure_streams, models, runtime};
@@ -42,9 +42,20 @@ pub struct Cluster {
     chunk_size: usize,
     in_flight: usize,
     timeout: Option<Duration>,
-    /// The tasks and results streams, once made (a job needs them, not a
-    /// new look-up).
-    streams: Option<(jetstream::stream::Stream, jetstream::stream::Stream)>,
+    /// The tasks stream, once made (a job needs it, not a new look-up).
+    tasks: Option<jetstream::stream::Stream>,
+    /// This client's id: its jobs' results go to subjects under it.
+    id: u64,
+    /// What this client follows for its jobs, once its first job started.
+    followed: Option<Followed>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Dropping a subscription spawns its unsubscribe on the runtime.
+        let _inside = self.rt.enter();
+        self.followed = None;
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -96,7 +107,9 @@ impl Cluster {
             chunk_size: DEFAULT_CHUNK,
             in_flight: DEFAULT_IN_FLIGHT,
             timeout: None,
-            streams: None,
+            tasks: None,
+            id: job::new_id(),
+            followed: None,
         })
     }
 
@@ -429,18 +442,12 @@ impl Cluster {
     ) -> Result<Job<'_>, ClusterError> {
         let root_seed =
             crate::seed::root_seed_from_env().map_err(|e| ClusterError::new(e.to_string()))?;
-        let (tasks, results) = match &self.streams {
-            Some(streams) => streams.clone(),
-            None => {
-                let streams = self.rt.block_on(ensure_streams(&self.js))?;
-                self.streams = Some(streams.clone());
-                streams
-            }
-        };
-        let fingerprint = procpool_worker::fnref::fingerprint();
-        let advisories = {
+        if self.tasks.is_none() || self.followed.is_none() {
             let _inside = self.rt.enter();
-            self.rt
+            let (tasks, results) = self.rt.block_on(ensure_streams(&self.js))?;
+            let fingerprint = procpool_worker::fnref::fingerprint();
+            let advisories = self
+                .rt
                 .block_on(async {
                     let subscriber = self
                         .client
@@ -449,12 +456,18 @@ impl Cluster {
                     self.client.flush().await?;
                     Ok::<_, async_nats::Error>(subscriber)
                 })
-                .map_err(|e| ClusterError::new(format!("cannot follow the job's batches: {e}")))?
+                .map_err(|e| ClusterError::new(format!("cannot follow the job's batches: {e}")))?;
+            self.tasks = Some(tasks);
+            self.followed = Some(Followed {
+                reader: ResultReader::new(results, self.id),
+                advisories,
+            });
+        }
+        let (Some(tasks), Some(followed)) = (&self.tasks, &mut self.followed) else {
+            return Err(ClusterError::new("the streams are not there"));
         };
         let plan = JobPlan {
-            tasks,
-            results,
-            advisories,
+            tasks: tasks.clone(),
             function: name.to_string(),
             model,
             root_seed,
@@ -468,7 +481,7 @@ impl Cluster {
                 .saturating_sub(wire::MESSAGE_HEADROOM),
             reduces,
         };
-        Ok(Job::new(&self.rt, &self.js, plan))
+        Ok(Job::new(&self.rt, &self.js, self.id, followed, plan))
     }
 }
 

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::ClusterError;
 use super::publish_until_stored;
-use super::wire::{self, MaxDeliveries, Outcome, ResultMsg, TaskMsg};
+use super::wire::{self, JobId, MaxDeliveries, Outcome, ResultMsg, TaskMsg};
 use crate::engine::{Batch, decode_outcome};
 use crate::error::TaskError;
 
@@ -34,12 +34,17 @@ impl<T, P> Default for Ready<T, P> {
     }
 }
 
+/// What a client follows for all its jobs, one at a time: its results,
+/// and the server's max-deliveries advisories for its build's batches.
+pub(super) struct Followed {
+    pub(super) reader: ResultReader,
+    pub(super) advisories: async_nats::Subscriber,
+}
+
 /// Where a job's batches start: what [`Job::new`] needs besides the
 /// connection.
 pub(super) struct JobPlan {
     pub(super) tasks: jetstream::stream::Stream,
-    pub(super) results: jetstream::stream::Stream,
-    pub(super) advisories: async_nats::Subscriber,
     pub(super) function: String,
     pub(super) model: Option<String>,
     pub(super) root_seed: u64,
@@ -57,17 +62,16 @@ pub(super) struct JobPlan {
 pub(super) struct Job<'c> {
     pub(super) rt: &'c tokio::runtime::Runtime,
     js: &'c jetstream::Context,
+    follow: &'c mut Followed,
     tasks: jetstream::stream::Stream,
+    /// The job as its agents address its results.
+    address: JobId,
     pub(super) id: u64,
     function: String,
     root_seed: u64,
     /// The digest of the job's model, if its function reads one.
     model: Option<String>,
     fingerprint: u64,
-    reader: ResultReader,
-    /// The server's max-deliveries advisories for this build's batches
-    /// (taken out to be dropped inside the runtime).
-    advisories: Option<async_nats::Subscriber>,
     pending: HashMap<u64, Sent>,
     /// Which pending batch each task message's stream sequence is.
     by_sequence: HashMap<u64, u64>,
@@ -108,25 +112,22 @@ impl<'c> Job<'c> {
     pub(super) fn new(
         rt: &'c tokio::runtime::Runtime,
         js: &'c jetstream::Context,
+        client: u64,
+        follow: &'c mut Followed,
         plan: JobPlan,
     ) -> Job<'c> {
         let id = new_id();
         Job {
             rt,
             js,
+            follow,
             tasks: plan.tasks,
+            address: JobId { client, job: id },
             id,
             function: plan.function,
             root_seed: plan.root_seed,
             model: plan.model,
             fingerprint: procpool_worker::fnref::fingerprint(),
-            reader: ResultReader {
-                stream: plan.results,
-                subject: wire::result_subject(id),
-                next_sequence: 1,
-                consumer: None,
-            },
-            advisories: Some(plan.advisories),
             pending: HashMap::new(),
             by_sequence: HashMap::new(),
             next_batch: 0,
@@ -230,6 +231,7 @@ impl<'c> Job<'c> {
         let number = self.next_batch;
         self.next_batch += 1;
         let task = TaskMsg {
+            client: self.address.client,
             job: self.id,
             batch: number,
             function: self.function.clone(),
@@ -275,11 +277,14 @@ impl<'c> Job<'c> {
                 .block_on(agents_of_build(&self.tasks, self.fingerprint));
             return Err(ClusterError::timeout(limit, &why));
         }
-        for payload in self.rt.block_on(self.reader.next_results()) {
+        for payload in self.rt.block_on(self.follow.reader.next_results()) {
             let Ok(result) = postcard::from_bytes::<ResultMsg>(&payload) else {
-                log::warn!(target: "procpool", "a malformed result of job {:016x}", self.id);
+                log::warn!(target: "procpool", "a malformed result of job {}", self.address);
                 continue;
             };
+            if result.job != self.id {
+                continue; // of an earlier job of this client, cancelled
+            }
             let number = result.batch;
             let Some(sent) = self.pending.get_mut(&number) else {
                 continue; // a batch finished already, run again
@@ -294,11 +299,7 @@ impl<'c> Job<'c> {
                 self.by_sequence.remove(&sequence);
             }
         }
-        while let Some(Some(advisory)) = self
-            .advisories
-            .as_mut()
-            .and_then(|a| a.next().now_or_never())
-        {
+        while let Some(Some(advisory)) = self.follow.advisories.next().now_or_never() {
             let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(&advisory.payload) else {
                 continue;
             };
@@ -372,14 +373,14 @@ impl Drop for Job<'_> {
     /// job's results from the server.
     fn drop(&mut self) {
         let _inside = self.rt.enter();
-        drop(self.advisories.take());
         for sent in self.pending.values() {
             let _ = self.rt.block_on(self.tasks.delete_message(sent.sequence));
         }
-        let subject = wire::result_subject(self.id);
-        let _ = self
-            .rt
-            .block_on(self.reader.stream.purge().filter(subject).into_future());
+        // Waited for: a purge moves this client's results consumer past
+        // the stream's last message, which must not be the next job's.
+        let subject = self.address.results_subject();
+        let purge = self.follow.reader.stream.purge().filter(subject);
+        let _ = self.rt.block_on(purge.into_future());
     }
 }
 
@@ -501,7 +502,7 @@ impl Sent {
 /// Reads a job's results from the results stream with a consumer of its
 /// own, made again from the next sequence whenever it fails (the server
 /// restarted, and consumers that are not durable do not survive that).
-struct ResultReader {
+pub(super) struct ResultReader {
     stream: jetstream::stream::Stream,
     subject: String,
     /// The stream sequence of the next result to read.
@@ -510,6 +511,16 @@ struct ResultReader {
 }
 
 impl ResultReader {
+    /// A reader of the results of every job of client `client`.
+    pub(super) fn new(stream: jetstream::stream::Stream, client: u64) -> ResultReader {
+        ResultReader {
+            stream,
+            subject: wire::client_results(client),
+            next_sequence: 1,
+            consumer: None,
+        }
+    }
+
     /// The payloads of the results that arrive within about a second.
     async fn next_results(&mut self) -> Vec<bytes::Bytes> {
         use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
@@ -570,8 +581,8 @@ impl ResultReader {
     }
 }
 
-/// A job id no other client will pick.
-fn new_id() -> u64 {
+/// A job or client id no other will pick.
+pub(super) fn new_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -16,9 +16,30 @@ pub(crate) fn task_subject(fingerprint: u64) -> String {
     format!("procpool.tasks.{fingerprint:016x}")
 }
 
-/// The subject of job `job`'s results.
-pub(crate) fn result_subject(job: u64) -> String {
-    format!("procpool.results.{job:016x}")
+/// A job as agents address its results: the client that started it (a
+/// [`Cluster`](super::Cluster) connection), and the job's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct JobId {
+    pub(crate) client: u64,
+    pub(crate) job: u64,
+}
+
+impl JobId {
+    /// The subject of the job's results.
+    pub(crate) fn results_subject(self) -> String {
+        format!("procpool.results.{:016x}.{:016x}", self.client, self.job)
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}.{:016x}", self.client, self.job)
+    }
+}
+
+/// The subjects of the results of every job of client `client`.
+pub(crate) fn client_results(client: u64) -> String {
+    format!("procpool.results.{client:016x}.>")
 }
 
 /// The durable consumer every agent of build `fingerprint` shares.
@@ -68,6 +89,8 @@ pub(crate) const MESSAGE_HEADROOM: usize = 4 * 1024;
 /// agent that decoded it, borrowed by the client that encodes it).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct TaskMsg<B = Vec<u8>> {
+    /// The client that started the job (where its results go).
+    pub(crate) client: u64,
     pub(crate) job: u64,
     pub(crate) batch: u64,
     /// The exposed function's name in the agent's registry.
@@ -100,6 +123,7 @@ pub(crate) enum Outcome {
 /// is split).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ResultMsg {
+    pub(crate) job: u64,
     pub(crate) batch: u64,
     pub(crate) first_index: u64,
     pub(crate) count: u32,
