@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use procpool::cluster::{AgentOptions, Cluster, NatsOptions, Registry};
 
+/// The ids-not-records example's functions, run here as its users would.
+#[allow(dead_code)]
+#[path = "../examples/cluster_ids.rs"]
+mod cluster_ids;
+
 const AGENT_URL: &str = "PROCPOOL_TEST_AGENT_URL";
 /// `user:password` for the agent, when the server asks for them.
 const AGENT_LOGIN: &str = "PROCPOOL_TEST_AGENT_LOGIN";
@@ -78,6 +83,7 @@ fn registry() -> Registry {
         .map_reduce("sum_of_squares", square, add)
         .map_reduce("sum_aborting_on_7", abort_on_7, add)
         .mapper("sum_chunk", procpool::Mapper::fold_chunks(add))
+        .map("mean_rating", cluster_ids::mean_rating)
 }
 
 fn add(a: u64, b: u64) -> u64 {
@@ -1038,4 +1044,38 @@ fn two_clients_running_many_small_jobs_at_once_each_get_every_result() {
     for client in clients {
         client.join().unwrap();
     }
+}
+
+#[test]
+fn tasks_carry_ids_and_workers_read_the_records_from_the_shared_store() {
+    agent_role();
+    let server = Server::start();
+    let test = "tasks_carry_ids_and_workers_read_the_records_from_the_shared_store";
+    // The example's workers find the bucket where NATS_URL says.
+    let _agents = [
+        Agent::start_with_env(&server, test, Some(("NATS_URL", &server.url()))),
+        Agent::start_with_env(&server, test, Some(("NATS_URL", &server.url()))),
+    ];
+    let record_bytes = cluster_ids::publish_records(&server.url()).unwrap();
+    assert!(record_bytes > 1_000_000, "{record_bytes}");
+    let mut cluster = Cluster::connect(&server.url())
+        .unwrap()
+        .chunk_size(100)
+        .timeout(Duration::from_secs(60));
+    let users = 0..2_000u32;
+    let means = cluster
+        .map::<u32, f32>(&registry(), "mean_rating", users.clone())
+        .unwrap();
+    for (user, mean) in users.zip(&means) {
+        let ratings = cluster_ids::ratings_of(user);
+        let expected = ratings.iter().map(|(_, r)| r).sum::<f32>() / ratings.len() as f32;
+        assert_eq!(*mean, Ok(expected), "user {user}");
+    }
+    // A missing record is that task's error, with the worker's words.
+    let missing = cluster
+        .map::<u32, f32>(&registry(), "mean_rating", [5, 999_999])
+        .unwrap();
+    assert!(missing[0].is_ok());
+    let err = missing[1].as_ref().unwrap_err();
+    assert_eq!(err.panic_message(), Some("no record for user 999999"));
 }
