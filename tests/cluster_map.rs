@@ -93,6 +93,9 @@ fn add(a: u64, b: u64) -> u64 {
 /// In a process started by [`Agent::start`]: runs the agent and never
 /// returns.
 fn agent_role() {
+    if let Ok(url) = std::env::var(CLIENT_URL) {
+        client_role(&url);
+    }
     let Ok(url) = std::env::var(AGENT_URL) else {
         return;
     };
@@ -110,6 +113,18 @@ fn agent_role() {
     }
     let outcome = procpool::cluster::run_agent_with(&nats, &registry(), &options);
     eprintln!("agent ended: {outcome:?}");
+    std::process::exit(3);
+}
+
+/// Where a client started by a test sends its job.
+const CLIENT_URL: &str = "PROCPOOL_TEST_CLIENT_URL";
+
+/// In a process started as a client: starts a long job of 5 s tasks, one
+/// per batch, and never returns (the test kills it).
+fn client_role(url: &str) -> ! {
+    let mut cluster = Cluster::connect(url).unwrap().chunk_size(1);
+    let outcome = cluster.map::<u64, u64>(&registry(), "slow_with_mark", 0..200u64);
+    eprintln!("client ended: {outcome:?}");
     std::process::exit(3);
 }
 
@@ -1078,4 +1093,71 @@ fn tasks_carry_ids_and_workers_read_the_records_from_the_shared_store() {
     assert!(missing[0].is_ok());
     let err = missing[1].as_ref().unwrap_err();
     assert_eq!(err.panic_message(), Some("no record for user 999999"));
+}
+
+#[test]
+fn a_client_that_dies_leaves_no_work_and_no_results_behind() {
+    agent_role();
+    let server = Server::start();
+    let test = "a_client_that_dies_leaves_no_work_and_no_results_behind";
+    let marks = tempfile::tempdir().unwrap();
+    let marks_dir = marks.path().to_str().unwrap();
+    let _agent = Agent::start_with_env(&server, test, Some((MARKS, marks_dir)));
+    let mut client = Agent(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env(CLIENT_URL, server.url())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let runs = || std::fs::read_dir(marks.path()).unwrap().count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runs() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not start within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The client sends 64 batches ahead of its results.
+    assert!(queued_batches(server.port) > 50);
+    client.kill();
+    // Those 64 tasks of 5 s on 2 workers would take 160 s; the agent drops
+    // the dead client's batches once its key expires (30 s).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while queued_batches(server.port) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead client's batches are still queued"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ran = runs();
+    assert!(ran < 40, "{ran} of 200 tasks ran for a dead client");
+    // Its results went with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored_results(server.port) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead client's results are still stored"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Results stored on the server at `port`.
+fn stored_results(port: u16) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("PROCPOOL_RESULTS").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    })
 }

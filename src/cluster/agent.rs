@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 
 use procpool_worker::wire::split_item;
 
+use super::liveness::Clients;
 use super::models::{self, ModelCache};
 use super::wire::{self, JobId, Outcome, ResultMsg, TaskMsg};
 use super::{
@@ -125,7 +126,7 @@ pub fn run_agent_with(
         let _inside = rt.enter();
         jetstream::new(client.clone())
     };
-    let (tasks, _) = rt.block_on(ensure_streams(&js))?;
+    let (tasks, results) = rt.block_on(ensure_streams(&js))?;
     let fingerprint = procpool_worker::fnref::fingerprint();
     let name = wire::agents_consumer(fingerprint);
     let mut consumer: jetstream::consumer::PullConsumer = rt
@@ -161,6 +162,8 @@ pub fn run_agent_with(
                 .unwrap_or_else(models::default_cache_dir),
         ),
         bad_models: HashMap::new(),
+        results,
+        clients: Clients::default(),
     };
     agent.serve(&mut consumer, ack_wait)
 }
@@ -179,6 +182,8 @@ struct Agent<'a> {
     cache: ModelCache,
     /// Models whose file failed its checks even when fetched again.
     bad_models: HashMap<String, String>,
+    results: jetstream::stream::Stream,
+    clients: Clients,
 }
 
 /// A function, and the digest of the model it reads, if any.
@@ -250,6 +255,16 @@ impl Agent<'_> {
                 }
             }
             for ((key, job, root_seed), run) in runs {
+                if self.clients.is_gone(self.rt, self.js, job.client) {
+                    // Its client died without cancelling: nobody waits for
+                    // these results.
+                    log::info!(target: "procpool", "dropping batches of job {job}: its client has gone");
+                    for (message, _) in run {
+                        let _ = self.rt.block_on(message.ack_with(AckKind::Term));
+                    }
+                    self.clients.forget(self.rt, &self.results, job.client);
+                    continue;
+                }
                 // The server gives a batch to another agent if this one is
                 // silent for `ack_wait`: while it runs, it says it is busy.
                 let messages: Vec<jetstream::Message> =

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use super::job::{self, Followed, Job, JobPlan, ResultReader};
 use super::shapes::{self, ClusterBackend, ClusterProcessor, MapUnordered};
 use super::wire;
-use super::{ClusterError, NatsOptions, Registry, ensure_streams, models, runtime};
+use super::{ClusterError, NatsOptions, Registry, ensure_streams, liveness, models, runtime};
 use crate::ModelStore;
 use crate::error::TaskError;
 
@@ -48,6 +48,8 @@ pub struct Cluster {
     id: u64,
     /// What this client follows for its jobs, once its first job started.
     followed: Option<Followed>,
+    /// Keeps saying this client is there, so that agents run its batches.
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Cluster {
@@ -55,6 +57,9 @@ impl Drop for Cluster {
         // Dropping a subscription spawns its unsubscribe on the runtime.
         let _inside = self.rt.enter();
         self.followed = None;
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
     }
 }
 
@@ -110,6 +115,7 @@ impl Cluster {
             tasks: None,
             id: job::new_id(),
             followed: None,
+            heartbeat: None,
         })
     }
 
@@ -457,6 +463,10 @@ impl Cluster {
                     Ok::<_, async_nats::Error>(subscriber)
                 })
                 .map_err(|e| ClusterError::new(format!("cannot follow the job's batches: {e}")))?;
+            if self.heartbeat.is_none() {
+                let heartbeat = self.rt.block_on(liveness::keep_alive(&self.js, self.id))?;
+                self.heartbeat = Some(heartbeat);
+            }
             self.tasks = Some(tasks);
             self.followed = Some(Followed {
                 reader: ResultReader::new(results, self.id),

@@ -14,6 +14,7 @@
 mod agent;
 mod client;
 mod job;
+mod liveness;
 mod models;
 mod shapes;
 mod wire;
