@@ -791,6 +791,13 @@ fn a_model_whose_bytes_do_not_match_its_digest_is_refused() {
         assert!(err.to_string().contains("not what its name says"), "{err}");
     }
     assert!(cached(node.path()).is_empty(), "a bad download was kept");
+    // Deleted from the server, the model is gone for new nodes.
+    cluster.delete_model(&model).unwrap();
+    let results = cluster
+        .map_with_model::<Table, u64, u64>(&registry(), "look_up", &model, 0..1u64)
+        .unwrap();
+    let err = results[0].as_ref().unwrap_err();
+    assert!(err.to_string().contains("cannot get the model"), "{err}");
     // Functions and models are checked by type before anything is sent.
     let err = cluster
         .map_with_model::<Table, u64, u64>(&registry(), "square", &model, 0..3u64)

@@ -262,6 +262,29 @@ impl Cluster {
         })
     }
 
+    /// Deletes `model` from the server's Object Store (nodes keep their
+    /// cached copies; a later job of it needs it published again).
+    ///
+    /// ```no_run
+    /// #[derive(rkyv::Archive, rkyv::Serialize)]
+    /// struct Weights {
+    ///     values: Vec<f32>,
+    /// }
+    /// let store = procpool::persist(&Weights { values: vec![1.0] })?;
+    /// let mut cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?;
+    /// let model = cluster.publish_model(&store)?;
+    /// cluster.delete_model(&model)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails if the server refuses, or has no such model.
+    pub fn delete_model<M>(&mut self, model: &ClusterModel<M>) -> Result<(), ClusterError> {
+        let _inside = self.rt.enter();
+        self.rt.block_on(models::delete(&self.js, &model.digest))
+    }
+
     /// Like [`map`](Self::map), for a function exposed with
     /// [`Registry::map_with_model`]: each task reads `model`.
     ///

@@ -80,6 +80,16 @@ pub(crate) async fn publish(js: &jetstream::Context, bytes: &[u8]) -> Result<Str
     Ok(digest)
 }
 
+/// Deletes the object of `digest` from the bucket.
+pub(crate) async fn delete(js: &jetstream::Context, digest: &str) -> Result<(), ClusterError> {
+    let name = object_name(digest);
+    bucket(js)
+        .await?
+        .delete(&name)
+        .await
+        .map_err(|e| ClusterError::new(format!("cannot delete the model {name}: {e}")))
+}
+
 /// A node's model files, one per digest, in a directory that agents on
 /// the node may share.
 pub(crate) struct ModelCache {
