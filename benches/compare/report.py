@@ -47,6 +47,9 @@ def normalise(rec):
                 {"tool": "procpool pipeline", "workload": "pipeline", "items_per_s": rec["items_per_s"], "exact": True},
                 {"tool": "procpool apply_sequential", "workload": "pipeline", "items_per_s": rec["sequential_items_per_s"], "exact": True},
             ]
+        if b == "cluster":
+            return [{"tool": "procpool cluster (local nats-server, 2 agents)", "workload": "cluster", "items_per_s": rec["items_per_s_2_agents"],
+                     "round_trip_ms": rec["round_trip_ms"], "first_result_ms": rec["first_result_ms"]}]
         return []
     if "users_per_s_n_jobs" in rec:
         rows = [{
@@ -78,6 +81,8 @@ WORKLOADS = [
     ("map_reduce", "map-reduce sum, 2 workers", [("items_per_s", "items/s")]),
     ("fold", "fold of 10,000,000 integers by +, chunks of 100,000, 2 processes", [("items_per_s", "items/s")]),
     ("pipeline", "pipeline: stateless square → windowed(3) difference → stateful accumulator, 2 cores", [("items_per_s", "items/s"), ("exact", "every output, exact")]),
+    ("cluster", "cluster mode on one machine, 2 worker processes: 1,000,000 trivial tasks in batches of 1,000; one task's round trip; a new client to its first result",
+     [("items_per_s", "items/s"), ("round_trip_ms", "round trip ms"), ("first_result_ms", "first result ms"), ("first_result_ms_cold_start", "first result ms, cold start")]),
     ("recsys_metrics", "procpool's recommendations re-measured by LensKit's metric code", [("lists", "lists"), ("max_abs_diff_ndcg_at_10", "largest nDCG@10 difference"), ("max_abs_diff_recall_at_10", "largest recall@10 difference"), ("agree", "agree to 1e-6")]),
     ("recsys", "recommender scoring on the same ML-1M-shaped fold, top-10 per test user", [("n_jobs", "n_jobs"), ("users_per_s", "users/s"), ("users_per_s_1_job", "users/s, 1 job"), ("ndcg_at_10", "nDCG@10")]),
 ]

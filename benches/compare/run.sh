@@ -45,6 +45,19 @@ if ! "$venv/bin/python" benches/compare/pipeline_peers.py >> "$raw"; then
     echo '{"tool":"blllib","workload":"pipeline","error":"the run failed"}' >> "$raw"
 fi
 
+echo "== cluster mode: procpool on a local nats-server, then dask.distributed and Ray" >&2
+if command -v nats-server >/dev/null 2>&1; then
+    cargo bench -q --features cluster --bench cluster | tail -n 1 >> "$raw"
+else
+    echo '{"tool":"procpool cluster","workload":"cluster","error":"nats-server is not installed"}' >> "$raw"
+fi
+"$venv/bin/pip" install -q "dask[distributed]"
+# Ray only where it installs (it has no wheels for every platform).
+"$venv/bin/pip" install -q ray || echo "Ray did not install; left out" >&2
+if ! "$venv/bin/python" benches/compare/cluster_peers.py >> "$raw"; then
+    echo '{"tool":"dask.distributed and Ray","workload":"cluster","error":"the run failed"}' >> "$raw"
+fi
+
 echo "== recommender experiment, ML-1M-shaped folds, then LensKit on them" >&2
 export_dir=$(mktemp -d)
 trap 'rm -rf "$export_dir"' EXIT
