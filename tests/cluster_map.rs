@@ -607,29 +607,13 @@ fn an_unordered_map_reads_an_endless_input_lazily_and_dropping_it_cancels_the_jo
         );
     }
     // Dropped: the batches no agent took are deleted from the work queue.
-    let left = queued_batches(server.port);
+    let left = stored_messages(server.port, "PROCPOOL_TASKS");
     assert_eq!(left, 0, "batches left in the work queue");
     // The connection serves the next job.
     let results = cluster
         .map::<u64, u64>(&registry(), "square", 0..10u64)
         .unwrap();
     assert_eq!(results, (0..10u64).map(|x| Ok(x * x)).collect::<Vec<_>>());
-}
-
-/// Batches in the work queue of the server at `port`.
-fn queued_batches(port: u16) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("PROCPOOL_TASKS").await.unwrap();
-        stream.info().await.unwrap().state.messages
-    })
 }
 
 /// The files of a node's model cache, with their inode and modification
@@ -769,13 +753,8 @@ fn a_model_whose_bytes_do_not_match_its_digest_is_refused() {
     let file = tempfile::NamedTempFile::new().unwrap();
     other.save(file.path()).unwrap();
     let other_bytes = std::fs::read(file.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, js) = jetstream(server.port);
     rt.block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
         let bucket = js.get_object_store("procpool_models").await.unwrap();
         let name = format!("sha256-{}", model.digest());
         bucket
@@ -873,15 +852,8 @@ fn an_agent_of_another_build_never_runs_this_builds_batches() {
 /// `port` (each build's agents share a consumer).
 fn wait_for_agent_consumers(port: u16, n: usize) {
     use futures_util::StreamExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, js) = jetstream(port);
     rt.block_on(async {
-        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(stream) = js.get_stream("PROCPOOL_TASKS").await {
@@ -1128,12 +1100,12 @@ fn a_client_that_dies_leaves_no_work_and_no_results_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The client sends 64 batches ahead of its results.
-    assert!(queued_batches(server.port) > 50);
+    assert!(stored_messages(server.port, "PROCPOOL_TASKS") > 50);
     client.kill();
     // Those 64 tasks of 5 s on 2 workers would take 160 s; the agent drops
     // the dead client's batches once its key expires (30 s).
     let deadline = Instant::now() + Duration::from_secs(90);
-    while queued_batches(server.port) > 0 {
+    while stored_messages(server.port, "PROCPOOL_TASKS") > 0 {
         assert!(
             Instant::now() < deadline,
             "the dead client's batches are still queued"
@@ -1144,7 +1116,7 @@ fn a_client_that_dies_leaves_no_work_and_no_results_behind() {
     assert!(ran < 40, "{ran} of 200 tasks ran for a dead client");
     // Its results went with it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while stored_results(server.port) > 0 {
+    while stored_messages(server.port, "PROCPOOL_RESULTS") > 0 {
         assert!(
             Instant::now() < deadline,
             "the dead client's results are still stored"
@@ -1153,18 +1125,28 @@ fn a_client_that_dies_leaves_no_work_and_no_results_behind() {
     }
 }
 
-/// Results stored on the server at `port`.
-fn stored_results(port: u16) -> u64 {
+/// A connection of the test's own to the server at `port`, to look at (or
+/// tamper with) what it stores, and the runtime it runs on.
+fn jetstream(port: u16) -> (tokio::runtime::Runtime, async_nats::jetstream::Context) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let client = rt
+        .block_on(async_nats::connect(format!("nats://127.0.0.1:{port}")))
+        .unwrap();
+    let js = {
+        let _inside = rt.enter();
+        async_nats::jetstream::new(client)
+    };
+    (rt, js)
+}
+
+/// Messages in the stream `name` of the server at `port`.
+fn stored_messages(port: u16, name: &str) -> u64 {
+    let (rt, js) = jetstream(port);
     rt.block_on(async {
-        let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("PROCPOOL_RESULTS").await.unwrap();
+        let mut stream = js.get_stream(name).await.unwrap();
         stream.info().await.unwrap().state.messages
     })
 }
