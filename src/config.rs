@@ -151,10 +151,10 @@ fn cgroup_quota_cpus() -> Option<usize> {
             let mut best: Option<usize> = None;
             let mut dir = std::path::PathBuf::from(format!("/sys/fs/cgroup{path}"));
             loop {
-                if let Ok(max) = fs::read_to_string(dir.join("cpu.max")) {
-                    if let Some(n) = parse_cpu_max(&max) {
-                        best = Some(best.map_or(n, |b| b.min(n)));
-                    }
+                if let Ok(max) = fs::read_to_string(dir.join("cpu.max"))
+                    && let Some(n) = parse_cpu_max(&max)
+                {
+                    best = Some(best.map_or(n, |b| b.min(n)));
                 }
                 if !dir.pop() || !dir.starts_with("/sys/fs/cgroup") {
                     break;

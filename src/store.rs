@@ -501,7 +501,7 @@ where
     }
     // The archive starts on a page boundary of the mapping or of a fresh
     // Vec; rkyv checks alignment and every relative pointer.
-    if archive.as_ptr() as usize % 16 != 0 {
+    if !(archive.as_ptr() as usize).is_multiple_of(16) {
         let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
         aligned.extend_from_slice(archive);
         return procpool_worker::worker::task::validate_archive::<M::Archived>(&aligned)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use procpool::Progress;
 
 fn fail_on_multiples_of_100(x: u64) -> u64 {
-    if x % 100 == 0 {
+    if x.is_multiple_of(100) {
         panic!("{x} fails");
     }
     x

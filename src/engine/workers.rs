@@ -188,10 +188,10 @@ impl Workers {
                     Err(_) => break,
                 }
                 while let Ok(Some((tag, body))) = worker.reader.next_frame() {
-                    if tag == from_worker::LOG {
-                        if let Ok(record) = postcard::from_bytes::<LogRecord>(body) {
-                            emit_log(&record, worker.id);
-                        }
+                    if tag == from_worker::LOG
+                        && let Ok(record) = postcard::from_bytes::<LogRecord>(body)
+                    {
+                        emit_log(&record, worker.id);
                     }
                 }
             }

@@ -56,10 +56,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// it is the server of the process this one was forked from).
 pub(crate) fn get() -> Result<Arc<ForkServer>, PoolError> {
     let mut slot = lock(&SERVER);
-    if let Some(server) = slot.as_ref() {
-        if server.alive.load(Ordering::Acquire) && server.owner == std::process::id() {
-            return Ok(Arc::clone(server));
-        }
+    if let Some(server) = slot.as_ref()
+        && server.alive.load(Ordering::Acquire)
+        && server.owner == std::process::id()
+    {
+        return Ok(Arc::clone(server));
     }
     let server = start()?;
     *slot = Some(Arc::clone(&server));

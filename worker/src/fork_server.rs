@@ -422,10 +422,10 @@ pub fn run(ctrl: OwnedFd, parent_exit: Option<OwnedFd>) -> ! {
             continue;
         }
         for (i, pid) in order.iter().enumerate() {
-            if pollfds[FIXED_POLLFDS + i].revents != 0 {
-                if let Some(child) = children.get_mut(pid) {
-                    pump_stderr(child);
-                }
+            if pollfds[FIXED_POLLFDS + i].revents != 0
+                && let Some(child) = children.get_mut(pid)
+            {
+                pump_stderr(child);
             }
         }
         if pollfds[2].revents != 0 {

@@ -212,7 +212,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let len = 1 + (state >> 33) as usize % 400;
-            if (state >> 20) % 3 == 0 && !live.is_empty() {
+            if (state >> 20).is_multiple_of(3) && !live.is_empty() {
                 ring.release_oldest();
                 live.pop_front();
                 continue;
