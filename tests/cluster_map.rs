@@ -465,6 +465,46 @@ fn a_malformed_task_message_is_dropped_and_the_agent_lives_on() {
     let fingerprint = procpool_worker::fnref::fingerprint();
     let subject = format!("procpool.tasks.{fingerprint:016x}");
     publish(server.port, &subject, &[0xff, 0x00, 0x13]);
+    // A batch that decodes but whose task indices run past u64::MAX, and
+    // one that says it holds more tasks than it does.
+    #[derive(serde::Serialize)]
+    struct Forged {
+        client: u64,
+        job: u64,
+        batch: u64,
+        function: String,
+        first_index: u64,
+        count: u32,
+        root_seed: u64,
+        model: Option<String>,
+        items: Vec<u8>,
+    }
+    let forged = |first_index: u64, count: u32| {
+        let batch = Forged {
+            client: 1,
+            job: 2,
+            batch: 0,
+            function: "square".into(),
+            first_index,
+            count,
+            root_seed: 0,
+            model: None,
+            // Two arguments, 3 and 4, each framed by its length.
+            items: vec![1, 3, 1, 4],
+        };
+        postcard::to_allocvec(&batch).unwrap()
+    };
+    // From a client the agents take for alive.
+    let (rt, js) = jetstream(server.port);
+    rt.block_on(async {
+        let clients = js.get_key_value("procpool_clients").await.unwrap();
+        clients
+            .put(format!("{:016x}", 1), Vec::new().into())
+            .await
+            .unwrap();
+    });
+    publish(server.port, &subject, &forged(u64::MAX, 2));
+    publish(server.port, &subject, &forged(0, 5));
     let results = cluster
         .map::<u64, u64>(&registry(), "square", 0..100u64)
         .unwrap();

@@ -236,6 +236,11 @@ impl Agent<'_> {
             let mut runs: HashMap<(PoolKey, JobId, u64), Run> = HashMap::new();
             for message in messages {
                 match postcard::from_bytes::<TaskMsg>(&message.payload) {
+                    Ok(task) if task.fault().is_some() => {
+                        let why = task.fault().unwrap_or_default();
+                        log::warn!(target: "procpool", "a malformed batch on {}: {why}", message.subject);
+                        let _ = self.rt.block_on(message.ack_with(AckKind::Term));
+                    }
                     Ok(task) => runs
                         .entry((
                             (task.function.clone(), task.model.clone()),

@@ -428,8 +428,9 @@ fn place<T: DeserializeOwned, P: DeserializeOwned>(
     reduces: bool,
 ) {
     let first = result.first_index;
+    let end = first.saturating_add(u64::from(result.count));
     if reduces {
-        let all_new = (first..first + u64::from(result.count)).all(|i| sent.is_open(i));
+        let all_new = (first..end).all(|i| sent.is_open(i));
         if !all_new {
             return;
         }
@@ -443,7 +444,9 @@ fn place<T: DeserializeOwned, P: DeserializeOwned>(
     match result.outcomes {
         Ok(list) => {
             for (i, outcome) in list.into_iter().enumerate() {
-                let index = first + i as u64;
+                // A result is untrusted input: indices past the end wrap to
+                // ones no batch has.
+                let index = first.wrapping_add(i as u64);
                 if !sent.takes(index) {
                     continue;
                 }
@@ -458,7 +461,7 @@ fn place<T: DeserializeOwned, P: DeserializeOwned>(
             }
         }
         Err(why) => {
-            for index in first..first + u64::from(result.count) {
+            for index in first..end {
                 if sent.takes(index) {
                     ready
                         .outcomes

@@ -105,6 +105,27 @@ pub(crate) struct TaskMsg<B = Vec<u8>> {
     pub(crate) items: B,
 }
 
+impl TaskMsg {
+    /// Why a batch that decoded cannot be run: no tasks, more than a batch
+    /// may hold, or task indices past `u64::MAX`.
+    pub(crate) fn fault(&self) -> Option<String> {
+        if self.count == 0 {
+            return Some("a batch of no tasks".into());
+        }
+        if self.count as usize > procpool_worker::wire::MAX_BATCH_TASKS {
+            return Some(format!("a batch of {} tasks", self.count));
+        }
+        if self
+            .first_index
+            .checked_add(u64::from(self.count))
+            .is_none()
+        {
+            return Some("task indices past u64::MAX".into());
+        }
+        None
+    }
+}
+
 /// What one task of a batch gave.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Outcome {
