@@ -9,7 +9,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use async_nats::jetstream::{self, object_store::ObjectStore};
+use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
+use async_nats::jetstream::{self};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -134,7 +135,22 @@ impl ModelCache {
             object_name(digest),
             std::process::id()
         ));
-        let fetched = rt.block_on(download(js, digest, &part));
+        // A server restarting mid-download is waited out a little; bytes
+        // that do not match the digest are not tried again.
+        let mut fetched = Err(Fetch::Retry(String::new()));
+        for attempt in 0..3u64 {
+            fetched = rt.block_on(download(js, digest, &part));
+            match &fetched {
+                Err(Fetch::Retry(why)) => {
+                    log::warn!(target: "procpool", "fetching the model {digest}: {why}");
+                    std::thread::sleep(std::time::Duration::from_millis(500 * (attempt + 1)));
+                }
+                _ => break,
+            }
+        }
+        let fetched = fetched.map_err(|e| match e {
+            Fetch::Retry(why) | Fetch::Refused(why) => why,
+        });
         let finished = fetched.and_then(|()| {
             std::fs::set_permissions(&part, std::os::unix::fs::PermissionsExt::from_mode(0o444))
                 .map_err(|e| format!("cannot make {} read-only: {e}", part.display()))?;
@@ -160,42 +176,51 @@ impl ModelCache {
     }
 }
 
+/// Why a download failed: worth another try (the server, the network), or
+/// not (the bytes are not the digest's, the disk refuses).
+enum Fetch {
+    Retry(String),
+    Refused(String),
+}
+
 /// Downloads the object of `digest` into `part`, checking its SHA-256.
-async fn download(js: &jetstream::Context, digest: &str, part: &Path) -> Result<(), String> {
+async fn download(js: &jetstream::Context, digest: &str, part: &Path) -> Result<(), Fetch> {
     let name = object_name(digest);
-    let bucket = bucket(js).await.map_err(|e| e.to_string())?;
-    let mut object = bucket
-        .get(&name)
-        .await
-        .map_err(|e| format!("cannot get the model {name}: {e}"))?;
+    let bucket = bucket(js).await.map_err(|e| Fetch::Retry(e.to_string()))?;
+    let mut object = bucket.get(&name).await.map_err(|e| {
+        let why = format!("cannot get the model {name}: {e}");
+        match e.kind() {
+            GetErrorKind::NotFound | GetErrorKind::InvalidName => Fetch::Refused(why),
+            _ => Fetch::Retry(why),
+        }
+    })?;
+    let disk = |e: std::io::Error| Fetch::Refused(format!("cannot write {}: {e}", part.display()));
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(part)
-        .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        .map_err(disk)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = object
             .read(&mut buf)
             .await
-            .map_err(|e| format!("cannot download the model {name}: {e}"))?;
+            .map_err(|e| Fetch::Retry(format!("cannot download the model {name}: {e}")))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        file.write_all(&buf[..n]).map_err(disk)?;
     }
     let got = hex(&hasher.finalize());
     if got != digest {
-        return Err(format!(
+        return Err(Fetch::Refused(format!(
             "the model {name} downloaded has the SHA-256 {got}: not what its name says"
-        ));
+        )));
     }
-    file.sync_all()
-        .map_err(|e| format!("cannot sync {}: {e}", part.display()))
+    file.sync_all().map_err(disk)
 }
 
 /// Holds an exclusive lock on `path` (made if missing) until dropped.
