@@ -9,8 +9,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use async_nats::jetstream;
 use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
-use async_nats::jetstream::{self};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
