@@ -164,6 +164,7 @@ pub fn run_agent_with(
         bad_models: HashMap::new(),
         results,
         clients: Clients::default(),
+        name: agent_name(),
     };
     agent.serve(&mut consumer, ack_wait)
 }
@@ -184,6 +185,8 @@ struct Agent<'a> {
     bad_models: HashMap<String, String>,
     results: jetstream::stream::Stream,
     clients: Clients,
+    /// This agent as a client's error names it: `host (pid N)`.
+    name: String,
 }
 
 /// A function, and the digest of the model it reads, if any.
@@ -304,6 +307,7 @@ impl Agent<'_> {
                         count: task.count,
                         outcomes: Err(why.clone()),
                         partials: Vec::new(),
+                        alone_on: None,
                     };
                     self.finish(job, &message, result);
                 }
@@ -337,11 +341,14 @@ impl Agent<'_> {
                 count: 0,
                 outcomes: Ok(Vec::new()),
                 partials: Vec::new(),
+                alone_on: Some(self.name.clone()),
             };
             let mut stored = postcard::to_allocvec(&notice)
                 .map_err(|e| e.to_string())
                 .and_then(|payload| {
-                    self.publish(job, &wire::alone_id(job.job, task.batch), payload)
+                    let delivery = message.info().map_or(0, |info| info.delivered);
+                    let id = wire::alone_id(job.job, task.batch, delivery);
+                    self.publish(job, &id, payload)
                 })
                 .is_ok();
             for i in 0..batch.count() as usize {
@@ -359,6 +366,7 @@ impl Agent<'_> {
                     count: 1,
                     outcomes: Ok(outcomes),
                     partials,
+                    alone_on: None,
                 };
                 if let Err(e) = self.publish_result(job, result) {
                     log::warn!(target: "procpool", "cannot publish a result of job {job}: {e}");
@@ -475,6 +483,7 @@ impl Agent<'_> {
                 count,
                 outcomes,
                 partials,
+                alone_on: _,
             } = result;
             // A map-reduce's folds go with the first part.
             let parts = match outcomes {
@@ -518,6 +527,7 @@ impl Agent<'_> {
                         count,
                         outcomes,
                         partials,
+                        alone_on: None,
                     },
                 )?;
             }
@@ -535,6 +545,14 @@ impl Agent<'_> {
     }
 }
 
+/// This agent as `host (pid N)`.
+fn agent_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "an unnamed host".into());
+    format!("{host} (pid {})", std::process::id())
+}
+
 /// A task message's arguments as a batch, if they are whole items and as
 /// many as it says.
 fn batch_of(task: &TaskMsg) -> Option<Batch> {
@@ -550,6 +568,7 @@ fn malformed(task: &TaskMsg) -> ResultMsg {
         count: task.count,
         outcomes: Err("a malformed batch".into()),
         partials: Vec::new(),
+        alone_on: None,
     }
 }
 
@@ -583,6 +602,7 @@ fn run_batches(
                 count: task.count,
                 outcomes: Ok(outcomes),
                 partials,
+                alone_on: None,
             }
         })
         .collect()

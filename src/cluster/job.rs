@@ -97,8 +97,8 @@ struct Sent {
     batch: Batch,
     done: Vec<bool>,
     left: usize,
-    /// Whether an agent said it runs the batch one task at a time.
-    ran_alone: bool,
+    /// The agents that said they run the batch one task at a time.
+    alone_on: Vec<String>,
     /// How often its tasks were sent again after no agent started them.
     resent: u32,
 }
@@ -256,7 +256,7 @@ impl<'c> Job<'c> {
                 batch,
                 done: vec![false; count],
                 left: count,
-                ran_alone: false,
+                alone_on: Vec::new(),
                 resent,
             },
         );
@@ -289,8 +289,10 @@ impl<'c> Job<'c> {
             let Some(sent) = self.pending.get_mut(&number) else {
                 continue; // a batch finished already, run again
             };
-            if result.count == 0 {
-                sent.ran_alone = true;
+            if let Some(agent) = &result.alone_on
+                && !sent.alone_on.contains(agent)
+            {
+                sent.alone_on.push(agent.clone());
             }
             place(sent, result, ready, self.reduces);
             if sent.left == 0 {
@@ -331,14 +333,17 @@ impl<'c> Job<'c> {
         let Some(culprit) = sent.done.iter().position(|done| !done) else {
             return Ok(());
         };
-        let (resend_from, resent) = if !sent.ran_alone && sent.resent < MAX_RESENDS {
+        let ran_alone = !sent.alone_on.is_empty();
+        let (resend_from, resent) = if !ran_alone && sent.resent < MAX_RESENDS {
             (culprit, sent.resent + 1)
         } else {
             let index = sent.batch.first_index() + culprit as u64;
-            let why = if sent.ran_alone {
+            let why = if ran_alone {
                 format!(
                     "no agent finished this task: its batch was delivered {deliveries} times \
-                     (the agents' max_deliver), and each agent that ran it died or went silent here"
+                     (the agents' max_deliver), and each agent that ran it died or went silent \
+                     here; run alone by {}",
+                    sent.alone_on.join(", ")
                 )
             } else {
                 format!(

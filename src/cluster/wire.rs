@@ -59,9 +59,10 @@ pub(crate) fn result_id(job: u64, first_index: u64, count: u32) -> String {
 }
 
 /// The deduplication id of the notice that an agent runs batch `batch` of
-/// job `job` one task at a time (a result of no tasks).
-pub(crate) fn alone_id(job: u64, batch: u64) -> String {
-    format!("{job:016x}-{batch}-alone")
+/// job `job` one task at a time, on its `delivery`-th delivery (a result
+/// of no tasks; each delivery's notice is kept).
+pub(crate) fn alone_id(job: u64, batch: u64, delivery: i64) -> String {
+    format!("{job:016x}-{batch}-alone-{delivery}")
 }
 
 /// The server's advisory, on core NATS, that a batch of build
@@ -153,4 +154,7 @@ pub(crate) struct ResultMsg {
     /// encodes it (`Result<Option<R>, TaskFailure>`) with the index of the
     /// first task it covers; empty for a map.
     pub(crate) partials: Vec<(u64, Vec<u8>)>,
+    /// On the notice (a result of no tasks) that an agent runs the batch
+    /// one task at a time: that agent, as `host (pid N)`.
+    pub(crate) alone_on: Option<String>,
 }
