@@ -119,8 +119,9 @@ impl Cluster {
         })
     }
 
-    /// Tasks per batch (default 1,000); a batch is also cut where it would
-    /// outgrow the server's largest message.
+    /// Tasks per batch (default 1,000; at most 16,777,216, as locally); a
+    /// batch is also cut where it would outgrow the server's largest
+    /// message.
     ///
     /// ```no_run
     /// let cluster = procpool::cluster::Cluster::connect("nats://127.0.0.1:4222")?.chunk_size(100);
@@ -128,7 +129,7 @@ impl Cluster {
     /// # Ok::<(), procpool::cluster::ClusterError>(())
     /// ```
     pub fn chunk_size(mut self, tasks: usize) -> Cluster {
-        self.chunk_size = tasks.max(1);
+        self.chunk_size = tasks.clamp(1, procpool_worker::wire::MAX_BATCH_TASKS);
         self
     }
 
