@@ -238,12 +238,10 @@ impl Agent<'_> {
             };
             let mut runs: HashMap<(PoolKey, JobId, u64), Run> = HashMap::new();
             for message in messages {
-                match postcard::from_bytes::<TaskMsg>(&message.payload) {
-                    Ok(task) if task.fault().is_some() => {
-                        let why = task.fault().unwrap_or_default();
-                        log::warn!(target: "procpool", "a malformed batch on {}: {why}", message.subject);
-                        let _ = self.rt.block_on(message.ack_with(AckKind::Term));
-                    }
+                let task = postcard::from_bytes::<TaskMsg>(&message.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|task| task.fault().map_or(Ok(task), Err));
+                match task {
                     Ok(task) => runs
                         .entry((
                             (task.function.clone(), task.model.clone()),
@@ -256,7 +254,7 @@ impl Agent<'_> {
                         .or_default()
                         .push((message, task)),
                     Err(e) => {
-                        // Not ours to retry: it will never decode.
+                        // Not ours to retry: it will never decode, or never run.
                         log::warn!(target: "procpool", "a malformed batch on {}: {e}", message.subject);
                         let _ = self.rt.block_on(message.ack_with(AckKind::Term));
                     }
@@ -322,12 +320,13 @@ impl Agent<'_> {
         let (again, first): (Run, Run) = run
             .drain(..)
             .partition(|(m, _)| m.info().is_ok_and(|info| info.delivered > 1));
-        let results = run_batches(workers, sizer, root_seed, &first);
+        let mut first = first;
+        let results = run_batches(workers, sizer, root_seed, &mut first);
         for ((message, _), result) in first.into_iter().zip(results) {
             self.finish(job, &message, result);
         }
-        for (message, task) in again {
-            let Some(batch) = batch_of(&task) else {
+        for (message, mut task) in again {
+            let Some(batch) = batch_of(&mut task) else {
                 self.finish(job, &message, malformed(&task));
                 continue;
             };
@@ -553,10 +552,13 @@ fn agent_name() -> String {
     format!("{host} (pid {})", std::process::id())
 }
 
-/// A task message's arguments as a batch, if they are whole items and as
-/// many as it says.
-fn batch_of(task: &TaskMsg) -> Option<Batch> {
-    Batch::from_framed(task.first_index, task.items.clone()).filter(|b| b.count() == task.count)
+/// A task message's arguments as a batch (taken out of the message), if
+/// they are whole items and as many as it says.
+fn batch_of(task: &mut TaskMsg) -> Option<Batch> {
+    // The arguments go to the engine as they came; the message keeps only
+    // what its result needs.
+    Batch::from_framed(task.first_index, std::mem::take(&mut task.items))
+        .filter(|b| b.count() == task.count)
 }
 
 /// The result of a batch whose arguments do not decode.
@@ -577,21 +579,20 @@ fn run_batches(
     workers: &mut Workers,
     sizer: &mut BatchSizer,
     root_seed: u64,
-    run: &[(jetstream::Message, TaskMsg)],
+    run: &mut [(jetstream::Message, TaskMsg)],
 ) -> Vec<ResultMsg> {
     let mut batches = Vec::new();
-    let mut malformed_at = Vec::new();
-    for (i, (_, task)) in run.iter().enumerate() {
-        match batch_of(task) {
-            Some(batch) => batches.push(batch),
-            None => malformed_at.push(i),
-        }
+    let mut whole = Vec::with_capacity(run.len());
+    for (_, task) in run.iter_mut() {
+        let batch = batch_of(task);
+        whole.push(batch.is_some());
+        batches.extend(batch);
     }
     let mut ran = run_on(workers, sizer, root_seed, batches).into_iter();
     run.iter()
-        .enumerate()
-        .map(|(i, (_, task))| {
-            if malformed_at.contains(&i) {
+        .zip(whole)
+        .map(|((_, task), whole)| {
+            if !whole {
                 return malformed(task);
             }
             let (outcomes, partials) = ran.next().unwrap_or_default();

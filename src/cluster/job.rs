@@ -519,12 +519,16 @@ pub(super) struct ResultReader {
 }
 
 impl ResultReader {
-    /// A reader of the results of every job of client `client`.
+    /// A reader of the results of every job of client `client`, from the
+    /// end of `stream` as last looked up: nothing before it can be this
+    /// client's, whose first batch is not sent yet (so the server does not
+    /// scan the other clients' results).
     pub(super) fn new(stream: jetstream::stream::Stream, client: u64) -> ResultReader {
+        let next_sequence = stream.cached_info().state.last_sequence + 1;
         ResultReader {
             stream,
             subject: wire::client_results(client),
-            next_sequence: 1,
+            next_sequence,
             consumer: None,
         }
     }
