@@ -111,13 +111,8 @@ pub(crate) fn train(train: &Ratings, cfg: &AlsConfig, mut progress: impl FnMut(u
         by_item[i as usize].push((u, r / 5.0));
     }
     let mut rng = Rng::new(cfg.seed);
-    let init = 0.1 / (k as f64).sqrt();
-    let mut users: Vec<f32> = (0..n_users * k)
-        .map(|_| (rng.normal() * init) as f32)
-        .collect();
-    let mut items: Vec<f32> = (0..n_items * k)
-        .map(|_| (rng.normal() * init) as f32)
-        .collect();
+    let mut users = rng.factors(n_users, k);
+    let mut items = rng.factors(n_items, k);
     for iteration in 0..cfg.iterations {
         update(&mut users, &items, &by_user, cfg);
         update(&mut items, &users, &by_item, cfg);

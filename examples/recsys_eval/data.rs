@@ -39,6 +39,15 @@ impl Rng {
     pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.uniform() * n as f64) as usize % n.max(1)
     }
+
+    /// Starting factors for `rows` users or items of `k` dimensions, row by
+    /// row: small normals, N(0, 0.1 / √k).
+    pub(crate) fn factors(&mut self, rows: usize, k: usize) -> Vec<f32> {
+        let scale = 0.1 / (k as f64).sqrt();
+        (0..rows * k)
+            .map(|_| (self.normal() * scale) as f32)
+            .collect()
+    }
 }
 
 /// Ratings with dense user and item indices.

@@ -20,13 +20,8 @@ pub(crate) struct MfConfig {
 pub(crate) fn train(train: &Ratings, cfg: &MfConfig, mut progress: impl FnMut(usize)) -> Scorer {
     let (n_users, n_items, k) = (train.n_users, train.n_items, cfg.dim);
     let mut rng = Rng::new(cfg.seed ^ 0x5D);
-    let init = 0.1 / (k as f64).sqrt();
-    let mut users: Vec<f32> = (0..n_users * k)
-        .map(|_| (rng.normal() * init) as f32)
-        .collect();
-    let mut items: Vec<f32> = (0..n_items * k)
-        .map(|_| (rng.normal() * init) as f32)
-        .collect();
+    let mut users = rng.factors(n_users, k);
+    let mut items = rng.factors(n_items, k);
     let mut user_bias = vec![0f32; n_users];
     let mut item_bias = vec![0f32; n_items];
     let n = train.triples.len().max(1);
